@@ -1,0 +1,224 @@
+"""`prepare`: any source -> one canonical event log.
+
+Output (written to a temp folder, renamed into place):
+
+    OUT/events/day=K/part-NNNNN.parquet   example_id, ts, day, label, then every feature (ids)
+    OUT/schema.json                       features: kind, role, fm_only, vocab, vocab_size, ...
+    OUT/vocab/<vocab>.parquet             value -> id (0 = padding, last = OOV)
+    OUT/config.yaml                       the resolved data config
+    OUT/_SUCCESS                          rows per day, config hash, skipped rows
+
+Three passes keep memory bounded by one chunk plus a few int64 arrays over all rows:
+1. read the source chunk by chunk: normalise types, count vocabularies, stage to Parquet;
+2. order all rows by (ts, input order) -> example ids and days; build vocabularies;
+3. encode each staged chunk and write it under its day; if the input was not already in
+   time order, each day is then sorted by example id (one day in memory at a time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from loopfm.artifacts import atomic_output, write_manifest
+from loopfm.data.errors import DataError
+from loopfm.data.schema import FeatureSpec, Schema
+from loopfm.data.source import DayRule, RawSource, SourceInfo
+from loopfm.data.vocab import Vocab, VocabCounter
+
+ROW_GROUP_ROWS = 128 * 1024
+EVENT_COLUMNS = ("example_id", "ts", "day", "label")
+
+
+def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_hash: str,
+            config_yaml: str | None = None, progress: bool = True) -> dict:
+    """Run the three passes and return the manifest written to ``OUT/_SUCCESS``."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    info = source.info()
+    _check_info(info)
+    with atomic_output(out) as tmp:
+        staged, ts, counters = _stage(source, info, tmp / "_staging", progress)
+        order = np.argsort(ts, kind="stable")  # (ts, input order)
+        example_id = np.empty(len(ts), dtype=np.int64)
+        example_id[order] = np.arange(len(ts), dtype=np.int64)
+        day = _assign_days(ts, order, info.days)
+        vocabs = {name: c.build(min_count) for name, c in counters.items()}
+        (tmp / "vocab").mkdir()
+        for name, vocab in vocabs.items():
+            vocab.save(tmp / "vocab" / f"{name}.parquet")
+        features = [dataclasses.replace(f, vocab_size=vocabs[f.vocab_name].size) if f.vocab_name else f
+                    for f in info.features]
+        schema = Schema(dataset=info.dataset, user_key=info.user_key, item_key=info.item_key,
+                        num_days=int(day.max()), features=features)
+        in_order = bool(np.all(order[1:] > order[:-1]))
+        rows_per_day = _write_events(staged, example_id, day, schema, vocabs, tmp, in_order, progress)
+        shutil.rmtree(tmp / "_staging")
+        schema.save(tmp / "schema.json")
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        return write_manifest(
+            tmp, stage="prepare", config_hash=config_hash, dataset=info.dataset,
+            rows=int(len(ts)), rows_per_day={str(k): v for k, v in rows_per_day.items()},
+            skipped_rows=dict(getattr(source, "skipped", {}) or {}), min_count=min_count,
+        )
+
+
+def _check_info(info: SourceInfo) -> None:
+    # Schema's own checks (unique names, keys present) run on construction.
+    Schema(dataset=info.dataset, user_key=info.user_key, item_key=info.item_key, num_days=0,
+           features=list(info.features))
+    names = {f.name for f in info.features}
+    for f in info.features:
+        if f.vocab is not None and f.vocab not in names:
+            raise ValueError(f"feature {f.name!r} shares vocabulary {f.vocab!r}, which is no feature")
+
+
+def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool):
+    staging.mkdir()
+    counters: dict[str, VocabCounter] = {f.vocab_name: VocabCounter() for f in info.features if f.vocab_name}
+    staged: list[tuple[Path, int, int]] = []
+    ts_parts: list[np.ndarray] = []
+    offset = 0
+    bar = tqdm(desc=f"prepare {info.dataset}: read", unit=" rows", unit_scale=True, disable=not progress)
+    for i, chunk in enumerate(source.chunks()):
+        chunk = _normalise(chunk, info, offset)
+        for f in info.features:
+            if f.kind == "categorical":
+                counters[f.vocab_name].update(chunk.column(f.name))
+            elif f.kind == "sequence":
+                counters[f.vocab_name].update(pc.list_flatten(chunk.column(f.name)))
+        path = staging / f"chunk-{i:05d}.parquet"
+        pq.write_table(chunk, path)
+        staged.append((path, offset, chunk.num_rows))
+        ts_parts.append(chunk.column("ts").to_numpy())
+        offset += chunk.num_rows
+        bar.update(chunk.num_rows)
+    bar.close()
+    if offset == 0:
+        raise DataError(f"the {info.dataset} input has no data rows")
+    return staged, np.concatenate(ts_parts), counters
+
+
+def _normalise(chunk: pa.Table, info: SourceInfo, offset: int) -> pa.Table:
+    """Check a source chunk's columns and cast them to the staging types."""
+    needed = ["ts", "label"] + [f.name for f in info.features]
+    missing = [c for c in needed if c not in chunk.column_names]
+    if missing:
+        raise ValueError(f"source {info.dataset!r} produced a chunk without columns {missing}")
+    cols: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for name in ("ts", "label"):
+        col = chunk.column(name)
+        if col.null_count:
+            row = offset + _first_true(col.is_null()) + 1
+            raise DataError(f"missing {name}", file=info.dataset, row=row, column=name)
+        cols[name] = col.cast(pa.int64())
+    bad = pc.invert(pc.is_in(cols["label"], value_set=pa.array([0, 1], pa.int64())))
+    if pc.any(bad).as_py():
+        i = _first_true(bad)
+        raise DataError(f"expected a label 0 or 1, got {cols['label'][i].as_py()}",
+                        file=info.dataset, row=offset + i + 1, column="label")
+    cols["label"] = cols["label"].cast(pa.int8())
+    for f in info.features:
+        col = chunk.column(f.name)
+        if f.kind == "categorical":
+            cols[f.name] = pc.fill_null(col.cast(pa.string()), "")
+        elif f.kind == "numeric":
+            if col.null_count:
+                raise DataError("expected a number, got an empty value", file=info.dataset,
+                                row=offset + _first_true(col.is_null()) + 1, column=f.name)
+            cols[f.name] = col.cast(pa.float32())
+        else:
+            col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+            col = pc.fill_null(col, pa.scalar([], type=col.type))
+            col = col.cast(pa.list_(pa.string()))
+            cols[f.name] = pa.ListArray.from_arrays(col.offsets, pc.fill_null(col.flatten(), ""))
+    return pa.table(cols)
+
+
+def _first_true(mask: pa.Array | pa.ChunkedArray) -> int:
+    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))[0])
+
+
+def _assign_days(ts: np.ndarray, order: np.ndarray, rule: DayRule) -> np.ndarray:
+    n = len(ts)
+    if rule.kind == "equal_count":
+        if n < rule.num_days:
+            raise DataError(f"{n} rows cannot be cut into {rule.num_days} equal-count days")
+        day = np.empty(n, dtype=np.int32)
+        day[order] = (np.arange(n, dtype=np.int64) * rule.num_days // n + 1).astype(np.int32)
+        return day
+    tz = ZoneInfo(rule.tz)
+    # Offsets can change only on hour boundaries (DST): look each distinct hour up once.
+    hours, inverse = np.unique(ts // 3600, return_inverse=True)
+    offsets = np.array([datetime.fromtimestamp(int(h) * 3600, tz=timezone.utc).astimezone(tz)
+                        .utcoffset().total_seconds() for h in hours], dtype=np.int64)
+    local_date = (ts + offsets[inverse]) // 86400
+    return (local_date - local_date.min() + 1).astype(np.int32)
+
+
+def _encode_sequence(col: pa.ListArray, vocab: Vocab, max_len: int) -> pa.ListArray:
+    """Encode a list column and keep the newest ``max_len`` entries (newest last)."""
+    offsets = col.offsets.to_numpy()
+    ids = vocab.encode(col.flatten()) if len(col.flatten()) else np.zeros(0, np.int64)
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)
+    keep = np.minimum(lengths, max_len)
+    new_offsets = np.zeros(len(keep) + 1, dtype=np.int32)
+    np.cumsum(keep, out=new_offsets[1:])
+    start = offsets[1:] - keep
+    gather = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], keep) + np.repeat(start, keep)
+    return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(ids[gather]))
+
+
+def _encode_chunk(table: pa.Table, ids: np.ndarray, day: np.ndarray, schema: Schema,
+                  vocabs: dict[str, Vocab]) -> pa.Table:
+    cols: dict[str, Any] = {"example_id": pa.array(ids), "ts": table.column("ts"),
+                            "day": pa.array(day), "label": table.column("label")}
+    for f in schema.features:
+        col = table.column(f.name)
+        if f.kind == "categorical":
+            cols[f.name] = pa.array(vocabs[f.vocab_name].encode(col))
+        elif f.kind == "numeric":
+            cols[f.name] = col
+        else:
+            cols[f.name] = _encode_sequence(col.combine_chunks(), vocabs[f.vocab_name], f.max_len)
+    return pa.table(cols)
+
+
+def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: bool,
+                  progress: bool) -> dict[int, int]:
+    events = tmp / "events"
+    target = events if in_order else tmp / "_unsorted"
+    rows_per_day: dict[int, int] = {}
+    part_no: dict[int, int] = {}
+    for path, off, n in tqdm(staged, desc="prepare: encode", unit=" chunk", disable=not progress):
+        table = _encode_chunk(pq.read_table(path), example_id[off:off + n], day[off:off + n],
+                              schema, vocabs)
+        chunk_days = day[off:off + n]
+        for d in np.unique(chunk_days):
+            sub = table.filter(pa.array(chunk_days == d))
+            folder = target / f"day={int(d)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            k = part_no.get(int(d), 0)
+            pq.write_table(sub, folder / f"part-{k:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
+            part_no[int(d)] = k + 1
+            rows_per_day[int(d)] = rows_per_day.get(int(d), 0) + sub.num_rows
+    if not in_order:
+        for d in tqdm(sorted(rows_per_day), desc="prepare: sort days", disable=not progress):
+            folder = target / f"day={d}"
+            table = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
+            (events / f"day={d}").mkdir(parents=True)
+            pq.write_table(table.sort_by("example_id"), events / f"day={d}" / "part-00000.parquet",
+                           row_group_size=ROW_GROUP_ROWS)
+        shutil.rmtree(target)
+    return dict(sorted(rows_per_day.items()))
