@@ -16,6 +16,7 @@ from pathlib import Path
 from loopfm.artifacts import is_complete
 from loopfm.config import ConfigError, LoopFMConfig, config_hash, load_config, save_config, to_dict
 from loopfm.data.errors import DataError
+from loopfm.data.sources import DataConfig
 
 import yaml
 
@@ -101,13 +102,28 @@ def _source_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def input_fingerprint(data: DataConfig) -> dict[str, list]:
+    """Size and mtime of every input file the chosen source names (so an edited input or schema
+    is not mistaken for the prepared one)."""
+    prints = {}
+    section = data.source_config()
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if not isinstance(value, str) or not value or not Path(value).exists():
+            continue
+        path = Path(value)
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        prints[f.name] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return prints
+
+
 def run_prepare(cfg: LoopFMConfig, out: Path, *, force: bool, progress: bool) -> tuple[dict, bool]:
     """Prepare ``cfg.data`` into ``out`` unless it is already there; returns (manifest, ran)."""
     from loopfm.artifacts import read_manifest
     from loopfm.data.prepare import prepare
     from loopfm.data.sources import build_source
 
-    key = config_hash({"seed": cfg.seed, "data": cfg.data})
+    key = config_hash({"seed": cfg.seed, "data": cfg.data, "inputs": input_fingerprint(cfg.data)})
     if not force and is_complete(out, key):
         return read_manifest(out), False
     source = build_source(cfg.data, seed=cfg.seed)

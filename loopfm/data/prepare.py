@@ -119,14 +119,14 @@ def _normalise(chunk: pa.Table, info: SourceInfo, offset: int) -> pa.Table:
     for name in ("ts", "label"):
         col = chunk.column(name)
         if col.null_count:
-            row = offset + _first_true(col.is_null()) + 1
-            raise DataError(f"missing {name}", file=info.dataset, row=row, column=name)
+            event = offset + _first_true(col.is_null()) + 1
+            raise DataError(f"event #{event} of the {info.dataset} source has no {name}", column=name)
         cols[name] = col.cast(pa.int64())
     bad = pc.invert(pc.is_in(cols["label"], value_set=pa.array([0, 1], pa.int64())))
     if pc.any(bad).as_py():
         i = _first_true(bad)
-        raise DataError(f"expected a label 0 or 1, got {cols['label'][i].as_py()}",
-                        file=info.dataset, row=offset + i + 1, column="label")
+        raise DataError(f"event #{offset + i + 1} of the {info.dataset} source: expected a label 0 or 1, "
+                        f"got {cols['label'][i].as_py()}", column="label")
     cols["label"] = cols["label"].cast(pa.int8())
     for f in info.features:
         col = chunk.column(f.name)
@@ -134,8 +134,9 @@ def _normalise(chunk: pa.Table, info: SourceInfo, offset: int) -> pa.Table:
             cols[f.name] = pc.fill_null(col.cast(pa.string()), "")
         elif f.kind == "numeric":
             if col.null_count:
-                raise DataError("expected a number, got an empty value", file=info.dataset,
-                                row=offset + _first_true(col.is_null()) + 1, column=f.name)
+                event = offset + _first_true(col.is_null()) + 1
+                raise DataError(f"event #{event} of the {info.dataset} source: expected a number, "
+                                "got an empty value", column=f.name)
             cols[f.name] = col.cast(pa.float32())
         else:
             col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col

@@ -144,7 +144,7 @@ def test_bad_label_names_row_and_column(tmp_path):
                 if k == 1:
                     c = c.set_column(1, "label", pa.array([0] * 10 + [2] + [0] * (c.num_rows - 11)))
                 yield c
-    with pytest.raises(DataError, match=r"toy, row 311, column 'label': expected a label 0 or 1, got 2"):
+    with pytest.raises(DataError, match=r"column 'label': event #311 of the toy source: expected a label 0 or 1, got 2"):
         prepare(BadLabel(), tmp_path / "o", config_hash="h", progress=False)
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
 
