@@ -70,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("train-fm", formatter_class=fmt, help="train the foundation model and evaluate it",
+                       description="Train the FM (TorchRec, sharded) on RUN_DIR/data (made by `loopfm prepare "
+                                   "CONFIG --out RUN_DIR/data`) and write RUN_DIR/fm: model, autoencoder, "
+                                   "per-day eval metrics. Works under `torchrun --nproc_per_node=N -m loopfm.cli`.",
+                       epilog="config keys:\n" + "\n".join(config_keys_help(LoopFMConfig)))
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder: reads OUT/data, writes OUT/fm")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/fm.work")
+    p.add_argument("--force", action="store_true", help="retrain even if OUT/fm is complete for this config")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_fm)
+
     p = sub.add_parser("run", formatter_class=fmt, help="run the whole pipeline on one config",
                        description="Run every stage in order into OUT/<stage>, skipping stages whose "
                                    "output is complete for the same config.",
@@ -103,13 +115,13 @@ def _source_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def input_fingerprint(data: DataConfig) -> dict[str, list]:
-    """Size and mtime of every input file the chosen source names (so an edited input or schema
-    is not mistaken for the prepared one)."""
+    """Size and mtime of the input files the chosen source names (config fields marked
+    ``metadata={"input": True}``), so an edited input or schema is not taken for the prepared one."""
     prints = {}
     section = data.source_config()
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if not isinstance(value, str) or not value or not Path(value).exists():
+        if not (f.metadata.get("input") and isinstance(value, str) and value and Path(value).exists()):
             continue
         path = Path(value)
         files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
@@ -166,6 +178,40 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_fm(cfg: LoopFMConfig, run_dir: Path, *, resume: bool, force: bool,
+                 progress: bool) -> tuple[dict | None, bool]:
+    """Train RUN_DIR/fm from RUN_DIR/data unless complete; returns (eval metrics, ran)."""
+    from loopfm.artifacts import read_manifest
+    from loopfm.fm.train import train_fm
+
+    key = config_hash({"seed": cfg.seed, "data": cfg.data, "fm": cfg.fm})
+    if not force and is_complete(run_dir / "fm", key):
+        return read_manifest(run_dir / "fm")["eval"], False
+    read_manifest(run_dir / "data")  # a clear error if prepare has not run
+    metrics = train_fm(cfg.fm, run_dir / "data", run_dir / "fm", seed=cfg.seed, config_hash=key,
+                       config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), resume=resume,
+                       progress=progress)
+    return metrics, True
+
+
+def _print_eval(metrics: dict | None) -> None:
+    if metrics:  # None on ranks > 0 and when stopped early
+        print("| day | rows | AUC | LogLoss | NE |\n|---:|---:|---:|---:|---:|")
+        for day, m in metrics.items():
+            print(f"| {day} | {m['rows']:,} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['ne']:.4f} |")
+
+
+def cmd_train_fm(args: argparse.Namespace) -> int:
+    cfg = _load(args, [])
+    start = time.perf_counter()
+    metrics, ran = run_train_fm(cfg, Path(args.out), resume=args.resume, force=args.force,
+                                progress=not args.quiet)
+    if metrics is not None:  # rank 0 of a finished run (other ranks and max_steps stops get None)
+        print(f"[train-fm] {'done' if ran else 'up to date'} in {time.perf_counter() - start:.1f}s")
+        _print_eval(metrics)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args, [])
     out = Path(args.out)
@@ -177,7 +223,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     timings["prepare"] = time.perf_counter() - start
     print(f"[prepare] {'done' if ran else 'up to date'} in {timings['prepare']:.1f}s")
     _print_prepare_summary(out / "data", manifest)
-    todo = [s for s in PIPELINE if s != "prepare"]
+    start = time.perf_counter()
+    metrics, ran = run_train_fm(cfg, out, resume=False, force=args.force, progress=not args.quiet)
+    timings["train-fm"] = time.perf_counter() - start
+    print(f"[train-fm] {'done' if ran else 'up to date'} in {timings['train-fm']:.1f}s")
+    _print_eval(metrics)
+    todo = [s for s in PIPELINE if s not in ("prepare", "train-fm")]
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     print(f"\nstages still to come in this version: {', '.join(todo)} "
           "(the event log above is their input)")

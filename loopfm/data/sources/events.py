@@ -102,8 +102,8 @@ _FLOAT_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 @dataclass(kw_only=True)
 class EventsConfig:
     """Where the input and its YAML schema are (the schema's format is in the module docs)."""
-    input: str = field(default="", metadata={"help": "CSV or Parquet file of events (--input)"})
-    schema: str = field(default="", metadata={"help": "YAML schema describing the file's columns (--schema)"})
+    input: str = field(default="", metadata={"input": True, "help": "CSV or Parquet file of events (--input)"})
+    schema: str = field(default="", metadata={"input": True, "help": "YAML schema describing the file's columns (--schema)"})
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "drop rows with a wrong field count, bad timestamp, bad label or non-number in a "
                 "numeric column (counted in the manifest) instead of stopping with an error"})

@@ -79,7 +79,7 @@ ALL_ROWS = 1 << 62
 @dataclass(kw_only=True)
 class MovieLensConfig:
     """MovieLens-100K in the RecBole or GroupLens layout (see the module docs)."""
-    path: str = field(default="../shared/data/movielens-100k", metadata={
+    path: str = field(default="../shared/data/movielens-100k", metadata={"input": True,
         "help": "folder with ml-100k.inter/.user/.item (RecBole) or u.data/u.user/u.item (GroupLens); "
                 "relative to the current directory"})
     layout: Literal["auto", "recbole", "grouplens"] = field(default="auto", metadata={
