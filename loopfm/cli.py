@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, extra: list[str]) -> LoopFMConfig:
-    cfg = load_config(LoopFMConfig, args.config, [*extra, *args.overrides])
-    return cfg
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # no config file, only overrides
+    return load_config(LoopFMConfig, config, [*extra, *overrides])
 
 
 def _source_overrides(args: argparse.Namespace) -> list[str]:
