@@ -85,20 +85,22 @@ def _check_info(info: SourceInfo) -> None:
 
 def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool):
     staging.mkdir()
-    counters: dict[str, VocabCounter] = {f.vocab_name: VocabCounter() for f in info.features if f.vocab_name}
+    counters: dict[str, VocabCounter] = {}
     staged: list[tuple[Path, int, int]] = []
     ts_parts: list[np.ndarray] = []
     offset = 0
     bar = tqdm(desc=f"prepare {info.dataset}: read", unit=" rows", unit_scale=True, disable=not progress)
     for i, chunk in enumerate(source.chunks()):
-        chunk = _normalise(chunk, info, offset)
+        if not counters:  # the first chunk fixes each vocabulary's key type
+            counters = {name: VocabCounter(t) for name, t in _key_types(chunk, info).items()}
+        chunk = _normalise(chunk, info, offset, {n: c.key_type for n, c in counters.items()})
         for f in info.features:
             if f.kind == "categorical":
                 counters[f.vocab_name].update(chunk.column(f.name))
             elif f.kind == "sequence":
                 counters[f.vocab_name].update(pc.list_flatten(chunk.column(f.name)))
         path = staging / f"chunk-{i:05d}.parquet"
-        pq.write_table(chunk, path)
+        pq.write_table(chunk, path, compression="none")  # scratch: read once, deleted
         staged.append((path, offset, chunk.num_rows))
         ts_parts.append(chunk.column("ts").to_numpy())
         offset += chunk.num_rows
@@ -109,7 +111,22 @@ def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool):
     return staged, np.concatenate(ts_parts), counters
 
 
-def _normalise(chunk: pa.Table, info: SourceInfo, offset: int) -> pa.Table:
+def _key_types(chunk: pa.Table, info: SourceInfo) -> dict[str, pa.DataType]:
+    """int64 for a vocabulary whose columns are all integers, else string."""
+    integer: dict[str, bool] = {}
+    for f in info.features:
+        if f.vocab_name is None or f.name not in chunk.column_names:
+            continue
+        t = chunk.schema.field(f.name).type
+        if f.kind == "sequence" and (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            t = t.value_type
+        is_int = pa.types.is_integer(t) or pa.types.is_null(t)
+        integer[f.vocab_name] = integer.get(f.vocab_name, True) and is_int
+    return {name: pa.int64() if is_int else pa.string() for name, is_int in integer.items()}
+
+
+def _normalise(chunk: pa.Table, info: SourceInfo, offset: int,
+               key_types: dict[str, pa.DataType]) -> pa.Table:
     """Check a source chunk's columns and cast them to the staging types."""
     needed = ["ts", "label"] + [f.name for f in info.features]
     missing = [c for c in needed if c not in chunk.column_names]
@@ -131,7 +148,7 @@ def _normalise(chunk: pa.Table, info: SourceInfo, offset: int) -> pa.Table:
     for f in info.features:
         col = chunk.column(f.name)
         if f.kind == "categorical":
-            cols[f.name] = pc.fill_null(col.cast(pa.string()), "")
+            cols[f.name] = col.cast(key_types[f.vocab_name])
         elif f.kind == "numeric":
             if col.null_count:
                 event = offset + _first_true(col.is_null()) + 1
@@ -141,8 +158,7 @@ def _normalise(chunk: pa.Table, info: SourceInfo, offset: int) -> pa.Table:
         else:
             col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
             col = pc.fill_null(col, pa.scalar([], type=col.type))
-            col = col.cast(pa.list_(pa.string()))
-            cols[f.name] = pa.ListArray.from_arrays(col.offsets, pc.fill_null(col.flatten(), ""))
+            cols[f.name] = col.cast(pa.list_(key_types[f.vocab_name]))
     return pa.table(cols)
 
 

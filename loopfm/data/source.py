@@ -6,7 +6,7 @@ A source module (``loopfm/data/sources/*.py``) knows one input format. It yields
 * ``ts``    int64 unix seconds (sources without timestamps synthesise an order-preserving one);
 * ``label`` integer 0/1;
 * one column per feature of `SourceInfo.features`, with *raw* values:
-  categorical -> any scalar type (cast to string; null = missing, its own vocabulary entry "");
+  categorical -> any scalar type (null = missing, a vocabulary entry of its own);
   numeric -> float (no nulls); sequence -> list of scalars, newest last.
 
 Everything else (global time order, example ids, day cuts, vocabularies, id encoding,

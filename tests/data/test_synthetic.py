@@ -128,7 +128,7 @@ def test_prepared_log_matches_raw_rows(prepared):
     for name in ("user_id", "brand", "pvalue_level", "pid"):
         vocab = log.vocab(schema.feature(name).vocab_name).values.to_pylist()
         decoded = [vocab[i - 1] for i in events.column(name).to_numpy()[:2_000]]
-        expect = ["" if v is None else str(v) for v in raw.column(name).slice(0, 2_000).to_pylist()]
+        expect = [None if v is None else str(v) for v in raw.column(name).slice(0, 2_000).to_pylist()]
         assert decoded == expect, name
     vocab = log.vocab("cate_id").values.to_pylist()
     hist = events.column("hist_cate_id").slice(0, 500).to_pylist()

@@ -53,11 +53,12 @@ def run(tmp_path: Path, name: str = "out", chunk_rows: int = 7, **cfg) -> EventL
 
 
 def decode(log: EventLog, feature: str, ids) -> list:
-    """ids -> raw values ("" = missing, None = padding)."""
+    """ids -> raw values as the CSV spells them ("" = missing, None = padding)."""
     spec = log.schema.feature(feature)
     cache = log.__dict__.setdefault("_test_vocab_cache", {})
     if spec.vocab_name not in cache:
-        cache[spec.vocab_name] = [None] + log.vocab(spec.vocab_name).values.to_pylist()
+        values = log.vocab(spec.vocab_name).values.to_pylist()  # null entry = missing value
+        cache[spec.vocab_name] = [None] + ["" if v is None else v for v in values]
     return [cache[spec.vocab_name][i] for i in ids]
 
 
