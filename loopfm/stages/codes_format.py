@@ -1,0 +1,302 @@
+"""On-disk formats shared by extract, compress and build-sequences, and the sharded-output rule.
+
+Extract output (written by the extract stage, read by compress)::
+
+    RUN/extract/codes/day=K/part-NNNNN.parquet
+        example_id int64, ts int64, day int32, label int8,
+        user_key int64, item_key int64      (the event log's user / item id columns)
+        soft_label float32                  (FM predicted probability, for KD)
+        z fixed_size_list<float16>[D]       (tanh autoencoder codes in [-1, 1];
+                                             raw tap activations when manifest kind == "raw")
+    RUN/extract/_SUCCESS   stage="extract", dim=D, kind="codes"|"raw", taps=[...],
+                           rows_per_day={"K": n}, user_key=<feature name>, item_key=<feature name>,
+                           key_vocab_size={"user_key": V_u, "item_key": V_i}   (optional: lets
+                           build-sequences skip the OOV id V-1 as well as the padding id 0)
+
+Rows of a file are in example-id order (= time order); a day may have several parts.
+
+Compress output (read by build-sequences)::
+
+    RUN/compress/codes/day=K/part-NNNNN.parquet
+        example_id, ts, day, label, user_key, item_key, soft_label (as above)
+        code fixed_size_binary[code_bytes]  (dim/2 for int4 kinds, dim for int8, 2*dim for fp16)
+
+Sharded outputs (one rule for every stage run by N independent replicas, no collective):
+with ``world_size == 1`` the stage writes ``OUT/`` at once through `atomic_output`. With
+``world_size > 1`` rank R writes ``OUT/shards/rank-R/`` atomically (its own ``_SUCCESS``), so no
+two ranks ever write the same file; then any rank that sees all ``world_size`` shard manifests
+with the same config hash writes ``OUT/_SUCCESS`` (an atomic rename; several ranks may do it,
+they write the same facts). The top manifest lists ``shards`` (folders relative to OUT, ``["."]``
+for a single process); readers take files from those folders only, so a stale ``rank-R`` from an
+earlier run with more ranks is never read. A rank that starts removes ``OUT/_SUCCESS`` first, so
+a rerun never leaves an old top manifest next to new shards. `finalize_shards` is also callable
+alone (e.g. by the CLI after the replicas exit).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loopfm.artifacts import MANIFEST, atomic_output, read_manifest, write_manifest
+
+CODES_DIR = "codes"
+META_COLUMNS = ("example_id", "ts", "day", "label", "user_key", "item_key", "soft_label")
+META_TYPES = {
+    "example_id": pa.int64(), "ts": pa.int64(), "day": pa.int32(), "label": pa.int8(),
+    "user_key": pa.int64(), "item_key": pa.int64(), "soft_label": pa.float32(),
+}
+Z_COLUMN = "z"        # extract: fixed_size_list<float16>[D]
+CODE_COLUMN = "code"  # compress: fixed_size_binary[code_bytes]
+KINDS = ("codes", "raw")
+
+
+def extract_schema(dim: int) -> pa.Schema:
+    return pa.schema([(c, META_TYPES[c]) for c in META_COLUMNS] + [(Z_COLUMN, pa.list_(pa.float16(), dim))])
+
+
+def compress_schema(code_bytes: int) -> pa.Schema:
+    return pa.schema([(c, META_TYPES[c]) for c in META_COLUMNS] + [(CODE_COLUMN, pa.binary(code_bytes))])
+
+
+# -- numpy <-> arrow for the two vector columns --------------------------------------------------
+def z_to_arrow(z: np.ndarray) -> pa.FixedSizeListArray:
+    """float [N, D] -> fixed_size_list<float16>[D]."""
+    z = np.ascontiguousarray(z, dtype=np.float16)
+    if z.ndim != 2:
+        raise ValueError(f"z must be [rows, D], got shape {z.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1), type=pa.float16()), z.shape[1])
+
+
+def z_from_arrow(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list<float16>[D] -> float16 [N, D]."""
+    arr = _one_array(col)
+    dim = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), dim)
+
+
+def bytes_to_arrow(codes: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """uint8 [N, B] -> fixed_size_binary[B] (no copy beyond making it contiguous)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.ndim != 2 or codes.shape[1] == 0:
+        raise ValueError(f"codes must be uint8 [rows, bytes>0], got shape {codes.shape}")
+    return pa.Array.from_buffers(pa.binary(codes.shape[1]), codes.shape[0], [None, pa.py_buffer(codes)])
+
+
+def bytes_from_arrow(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_binary[B] -> uint8 [N, B] (a view of the Arrow buffer when possible)."""
+    arr = _one_array(col)
+    width = arr.type.byte_width
+    if arr.null_count:
+        raise ValueError("a code column must not hold nulls")
+    buf = arr.buffers()[1]
+    flat = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
+    return flat[arr.offset * width:(arr.offset + len(arr)) * width].reshape(len(arr), width)
+
+
+def _one_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else (
+            pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], type=col.type))
+    return col
+
+
+# -- writing and reading -------------------------------------------------------------------------
+def part_path(root: str | Path, day: int, part: int) -> Path:
+    return Path(root) / CODES_DIR / f"day={int(day)}" / f"part-{int(part):05d}.parquet"
+
+
+def _meta_arrays(meta: dict[str, Any]) -> list[pa.Array]:
+    missing = [c for c in META_COLUMNS if c not in meta]
+    if missing:
+        raise ValueError(f"missing code-table columns {missing}; expected {list(META_COLUMNS)}")
+    return [pa.array(np.asarray(meta[c]), type=META_TYPES[c]) for c in META_COLUMNS]
+
+
+def write_codes(root: str | Path, day: int, part: int, meta: dict[str, Any], z: np.ndarray) -> Path:
+    """Write one extract part: ``meta`` maps every name of META_COLUMNS to a [N] array, ``z`` [N, D]."""
+    table = pa.Table.from_arrays(_meta_arrays(meta) + [z_to_arrow(z)], schema=extract_schema(z.shape[1]))
+    return _write(table, part_path(root, day, part))
+
+
+def write_packed(root: str | Path, day: int, part: int, meta: dict[str, Any] | pa.Table,
+                 codes: np.ndarray) -> Path:
+    """Write one compress part: metadata columns plus ``code`` from uint8 [N, code_bytes]."""
+    arrays = ([meta.column(c).combine_chunks().cast(META_TYPES[c]) for c in META_COLUMNS]
+              if isinstance(meta, pa.Table) else _meta_arrays(meta))
+    table = pa.Table.from_arrays(arrays + [bytes_to_arrow(codes)], schema=compress_schema(codes.shape[1]))
+    return _write(table, part_path(root, day, part))
+
+
+def _write(table: pa.Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=256 * 1024, use_dictionary=["day", "label"])
+    return path
+
+
+EXTRACT_FACTS = ("dim", "kind", "taps", "rows_per_day", "user_key", "item_key")
+
+
+def check_extract_manifest(manifest: dict, where: str | Path) -> None:
+    """Raise ValueError unless ``manifest`` is a finished extract output's, with every fact above."""
+    if manifest.get("stage") != "extract":
+        raise ValueError(f"{where} is a {manifest.get('stage')!r} output, expected an extract output")
+    missing = [k for k in EXTRACT_FACTS if k not in manifest]
+    if missing:
+        raise ValueError(f"{where}: the extract manifest lacks {missing} (see loopfm/stages/codes_format.py)")
+    if manifest["kind"] not in KINDS:
+        raise ValueError(f"{where}: extract kind must be one of {KINDS}, got {manifest['kind']!r}")
+
+
+def stage_files(root: str | Path, day: int, manifest: dict | None = None) -> list[Path]:
+    """Part files of ``day`` in a finished extract/compress output, over all its shards, in order."""
+    root = Path(root)
+    manifest = manifest if manifest is not None else read_manifest(root)
+    out: list[Path] = []
+    for shard in manifest.get("shards", ["."]):
+        out.extend(sorted((root / shard / CODES_DIR / f"day={int(day)}").glob("part-*.parquet")))
+    return out
+
+
+def stage_days(manifest: dict) -> list[int]:
+    return sorted(int(d) for d in manifest["rows_per_day"])
+
+
+def read_codes(root: str | Path, days: Sequence[int] | None = None,
+               columns: Sequence[str] | None = None) -> pa.Table:
+    """All rows of ``days`` (default: every day) of an extract or compress output, sorted by example id."""
+    manifest = read_manifest(root)
+    days = list(days) if days is not None else stage_days(manifest)
+    bad = sorted(set(days) - set(stage_days(manifest)))
+    if bad:
+        raise ValueError(f"{root}: no day(s) {bad}; days are {stage_days(manifest)}")
+    files = [p for d in days for p in stage_files(root, d, manifest)]
+    if not files:
+        raise ValueError(f"{root}: no part files for days {days}")
+    table = pa.concat_tables([pq.read_table(p, columns=list(columns) if columns else None) for p in files])
+    if "example_id" in table.column_names:
+        eid = table.column("example_id").to_numpy()
+        if len(eid) > 1 and not np.all(eid[1:] > eid[:-1]):
+            table = table.take(pa.array(np.argsort(eid, kind="stable")))
+    return table
+
+
+# -- sharded stage outputs -----------------------------------------------------------------------
+def shard_dir(out: str | Path, rank: int) -> Path:
+    return Path(out) / "shards" / f"rank-{int(rank)}"
+
+
+@contextlib.contextmanager
+def shard_output(out: str | Path, rank: int, world_size: int) -> Iterator[Path]:
+    """The temp folder this rank writes; see the module docstring for the rule."""
+    check_rank(rank, world_size)
+    if world_size == 1:
+        with atomic_output(out) as tmp:
+            yield tmp
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / MANIFEST).unlink(missing_ok=True)
+    with atomic_output(shard_dir(out, rank)) as tmp:
+        yield tmp
+
+
+def finalize_shards(out: str | Path, world_size: int,
+                    merge: Callable[[list[dict]], dict] | None = None) -> dict | None:
+    """Write ``OUT/_SUCCESS`` when all ``world_size`` shards are finished with one config hash.
+
+    ``merge(shard_manifests)`` returns the facts of the top manifest (default: rank 0's facts).
+    Returns the top manifest, or None while shards are missing. With world_size 1 it only reads.
+    """
+    out = Path(out)
+    if world_size == 1:
+        return read_manifest(out)
+    manifests = []
+    for r in range(world_size):
+        path = shard_dir(out, r) / MANIFEST
+        if not path.is_file():
+            return None
+        manifests.append(json.loads(path.read_text()))
+    hashes = {m["config_hash"] for m in manifests}
+    sizes = {m.get("world_size") for m in manifests}
+    if len(hashes) != 1 or sizes != {world_size}:
+        return None  # shards of different runs: wait for the stale ones to be rewritten
+    facts = dict(merge(manifests) if merge else manifests[0])
+    for k in ("created_unix", "rank"):
+        facts.pop(k, None)
+    facts.update(world_size=world_size, shards=[f"shards/rank-{r}" for r in range(world_size)])
+    stage, config_hash = facts.pop("stage"), facts.pop("config_hash")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
+        manifest = write_manifest(tmp, stage=stage, config_hash=config_hash, **facts)
+        os.replace(Path(tmp) / MANIFEST, out / MANIFEST)
+    return manifest
+
+
+def shard_of(keys: np.ndarray, world_size: int) -> np.ndarray:
+    """Rank that owns each int64 key: splitmix64(key) mod world_size (stable across runs/machines)."""
+    return (splitmix64(keys) % np.uint64(world_size)).astype(np.int64)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser of ``x + golden gamma`` on int64/uint64 arrays -> uint64 (wrapping)."""
+    z = np.asarray(x).astype(np.int64, copy=False).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def hash_config(cfg: Any, *upstream: str) -> str:
+    """A stable hash of a config dataclass plus the config hashes of the stage's inputs."""
+    data = {"cfg": dataclasses.asdict(cfg), "upstream": list(upstream)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- fabricated extract outputs, for tests and benchmarks ----------------------------------------
+def fabricate_extract(event_log: str | Path, out: str | Path, *, dim: int = 16, kind: str = "codes",
+                      seed: int = 0, days: Sequence[int] | None = None, rows_per_part: int = 1 << 20) -> dict:
+    """An extract output for an event log, with random codes instead of an FM (tests, benchmarks).
+
+    ``kind="codes"``: tanh(N(0, 1.5²)) codes, bunched near ±1 like a trained tanh encoder's.
+    ``kind="raw"``: unbounded activations with a decaying spectrum (for the PCA path).
+    """
+    from loopfm.data.eventlog import EventLog
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    log = EventLog(event_log)
+    days = list(days) if days is not None else log.days
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(dim, dim)) * (0.7 ** np.arange(dim))[:, None]
+    rows_per_day = {}
+    with atomic_output(out) as tmp:
+        for day in days:
+            t = log.read([day], ["example_id", "ts", "day", "label", log.schema.user_key, log.schema.item_key])
+            n = t.num_rows
+            meta = {c: t.column(c).to_numpy() for c in ("example_id", "ts", "day", "label")}
+            meta["user_key"] = t.column(log.schema.user_key).to_numpy()
+            meta["item_key"] = t.column(log.schema.item_key).to_numpy()
+            meta["soft_label"] = rng.random(n, dtype=np.float32)
+            g = rng.normal(size=(n, dim))
+            z = np.tanh(1.5 * g) if kind == "codes" else 3.0 * (g @ mix) + 0.5
+            for part, s in enumerate(range(0, max(n, 1), rows_per_part)):
+                write_codes(tmp, day, part, {k: v[s:s + rows_per_part] for k, v in meta.items()},
+                            z[s:s + rows_per_part])
+            rows_per_day[str(day)] = n
+        return write_manifest(tmp, stage="extract", config_hash=f"fabricated-{seed}", dim=dim, kind=kind,
+                              taps=["fabricated"], rows_per_day=rows_per_day,
+                              user_key=log.schema.user_key, item_key=log.schema.item_key,
+                              key_vocab_size={"user_key": log.schema.feature(log.schema.user_key).vocab_size,
+                                              "item_key": log.schema.feature(log.schema.item_key).vocab_size})
