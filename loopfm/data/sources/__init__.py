@@ -24,7 +24,8 @@ class DataConfig:
     source: SourceName = field(default="synthetic", metadata={"help": "input format"})
     min_count: int = field(default=1, metadata={
         "help": "values seen fewer times (over all days) map to the out-of-vocabulary id"})
-    chunk_rows: int = field(default=1_000_000, metadata={"help": "rows read per chunk (bounds memory)"})
+    chunk_rows: int = field(default=250_000, metadata={
+        "help": "rows read per chunk: bounds memory (about 1 GB per 250k rows with 3 x 50-long histories)"})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
     taobao_raw: TaobaoRawConfig = field(default_factory=TaobaoRawConfig)
