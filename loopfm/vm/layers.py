@@ -1,0 +1,283 @@
+"""Shared layers of the vertical-model zoo (FuxiCTR's ``layers`` in spirit).
+
+Every sequence input follows one convention: left-aligned [B, L, ...] with lengths [B]; positions
+``>= length`` are padding, masked out (by `length_mask`) and never able to change an output;
+an empty sequence pools to zeros.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from loopfm.data.schema import FeatureSpec
+
+
+def length_mask(lengths: Tensor, L: int) -> Tensor:
+    """Bool [B, L]: True at real positions (``position < length``)."""
+    return torch.arange(L, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
+
+
+def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
+    """Mean over the real positions of x [B, L, D]; zeros for empty sequences."""
+    m = length_mask(lengths, x.shape[1]).unsqueeze(-1)
+    s = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+    return s / lengths.clamp(min=1).to(x.dtype)[:, None]
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last dim restricted to ``mask``; all-masked rows give zeros (not NaN)."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    any_valid = mask.any(-1, keepdim=True)
+    w = torch.softmax(torch.where(any_valid, logits, torch.zeros_like(logits)), dim=-1)
+    return torch.where(mask, w, torch.zeros_like(w))
+
+
+class FeatureEmbedding(nn.Module):
+    """Embeds the VM-visible features as fields [B, F, D].
+
+    One table per vocabulary (a history feature shares its target's table, e.g. hist_item_id →
+    item_id); categorical ids are looked up, sequence-kind features are mean-pooled bags (from
+    their lengths), numeric features are ``value × w_f`` (FuxiCTR's numeric embedding).
+    FM-only features are refused: a VM must be built from `Schema.vm_features()`.
+    """
+
+    def __init__(self, features: Sequence[FeatureSpec], dim: int) -> None:
+        super().__init__()
+        bad = [f.name for f in features if f.fm_only]
+        if bad:
+            raise ValueError(f"vertical models never read fm_only features; got {bad} "
+                             "(build the model from schema.vm_features())")
+        self.dim = dim
+        self.features = list(features)
+        self.tables = nn.ModuleDict()
+        for f in self.features:
+            if f.kind != "numeric" and f.vocab_name not in self.tables:
+                if f.vocab_size < 2:
+                    raise ValueError(f"feature {f.name!r} has vocab_size {f.vocab_size}; "
+                                     "use the schema of a prepared event log")
+                self.tables[f.vocab_name] = nn.Embedding(f.vocab_size, dim, padding_idx=0)
+        numeric = [f.name for f in self.features if f.kind == "numeric"]
+        self.numeric_names = numeric
+        self.numeric = nn.Parameter(torch.empty(len(numeric), dim)) if numeric else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for t in self.tables.values():
+            nn.init.normal_(t.weight, std=1e-2 if self.dim > 1 else 1e-3)
+            with torch.no_grad():
+                t.weight[0].zero_()
+        if self.numeric is not None:
+            nn.init.normal_(self.numeric, std=1e-2)
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.features)
+
+    def table_for(self, vocab_name: str) -> nn.Embedding:
+        return self.tables[vocab_name]
+
+    def forward(self, batch) -> Tensor:
+        fields, n = [], 0
+        for f in self.features:
+            if f.kind == "categorical":
+                fields.append(self.tables[f.vocab_name](batch.sparse[f.name]))
+            elif f.kind == "sequence":
+                fields.append(masked_mean(self.tables[f.vocab_name](batch.bags[f.name]), batch.bag_lengths[f.name]))
+            else:
+                fields.append(batch.dense[:, n, None] * self.numeric[n])
+                n += 1
+        return torch.stack(fields, 1)
+
+
+class MLP(nn.Module):
+    """Linear → activation (→ dropout) blocks; ``out_dim`` = last hidden size (input if none)."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0,
+                 activation: type[nn.Module] = nn.ReLU, out: int | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), activation()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if out is not None:
+            layers.append(nn.Linear(d, out))
+            d = out
+        self.net = nn.Sequential(*layers)
+        self.out_dim = d
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def fm_interaction(x: Tensor) -> Tensor:
+    """Bi-interaction vector of fields x [B, F, D]: ``0.5((Σv)² − Σv²)`` [B, D]; its sum over D is
+    the FM second-order term Σ_{i<j} <v_i, v_j>."""
+    s = x.sum(1)
+    return 0.5 * (s * s - (x * x).sum(1))
+
+
+class FmFMInteraction(nn.Module):
+    """FmFM (Sun et al. 2021) field-matrixed interaction: Σ_{i<j} (v_i M_{f(i),f(j)}) ⊙ v_j [B, D];
+    its sum over D is the FmFM second-order term Σ_{i<j} v_i^T M_ij v_j. M_ij start at identity
+    (= plain FM)."""
+
+    def __init__(self, num_fields: int, dim: int) -> None:
+        super().__init__()
+        i, j = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.register_buffer("left", i, persistent=False)
+        self.register_buffer("right", j, persistent=False)
+        self.matrices = nn.Parameter(torch.eye(dim).repeat(len(i), 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        vi = torch.einsum("bpd,pde->bpe", x[:, self.left], self.matrices)
+        return (vi * x[:, self.right]).sum(1)
+
+
+class DINAttention(nn.Module):
+    """DIN's target attention (Zhou et al. 2018): an MLP scores [q, k, q−k, q⊙k] per position;
+    weights are the raw scores (no softmax, as DIN and FuxiCTR's default), zero past the length;
+    returns Σ_l w_l v_l [B, D_v]. Keys may differ from values in width via ``key_dim``."""
+
+    def __init__(self, query_dim: int, key_dim: int, hidden: Sequence[int] = (64, 32),
+                 softmax: bool = False) -> None:
+        super().__init__()
+        self.project = nn.Linear(query_dim, key_dim) if query_dim != key_dim else nn.Identity()
+        self.scorer = MLP(4 * key_dim, hidden, activation=nn.Sigmoid, out=1)
+        self.softmax = softmax
+
+    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
+        q = self.project(query).unsqueeze(1).expand_as(keys)
+        return self.scorer(torch.cat([q, keys, q - keys, q * keys], -1)).squeeze(-1)
+
+    def forward(self, query: Tensor, keys: Tensor, lengths: Tensor, values: Tensor | None = None) -> Tensor:
+        values = keys if values is None else values
+        mask = length_mask(lengths, keys.shape[1])
+        keys = torch.where(mask[..., None], keys, torch.zeros((), dtype=keys.dtype))
+        values = torch.where(mask[..., None], values, torch.zeros((), dtype=values.dtype))
+        s = self.scores(query, keys)
+        w = masked_softmax(s, mask) if self.softmax else torch.where(mask, s, torch.zeros_like(s))
+        return torch.einsum("bl,bld->bd", w, values)
+
+
+class AUGRUCell(nn.Module):
+    """DIEN's GRU with attentional update gate: u' = a·u, h' = (1 − u')h + u'·h̃."""
+
+    def __init__(self, input_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.x2h = nn.Linear(input_dim, 3 * hidden_dim)
+        self.h2h = nn.Linear(hidden_dim, 3 * hidden_dim, bias=False)
+
+    def forward(self, x: Tensor, h: Tensor, att: Tensor) -> Tensor:
+        xr, xu, xn = self.x2h(x).chunk(3, -1)
+        hr, hu, hn = self.h2h(h).chunk(3, -1)
+        r = torch.sigmoid(xr + hr)
+        u = torch.sigmoid(xu + hu) * att[:, None]
+        n = torch.tanh(xn + r * hn)
+        return (1 - u) * h + u * n
+
+
+class InterestEvolution(nn.Module):
+    """DIEN's two layers: a GRU interest extractor over the behaviour embeddings, then an AUGRU
+    driven by target attention (softmax of ⟨W q, h_t⟩ over real positions). Returns the final
+    evolved interest [B, H] (zeros for an empty sequence; padding steps keep the state)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, query_dim: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(input_dim, hidden_dim, batch_first=True)
+        self.query = nn.Linear(query_dim, hidden_dim, bias=False)
+        self.augru = AUGRUCell(hidden_dim, hidden_dim)
+        self.hidden_dim = hidden_dim
+
+    def forward(self, query: Tensor, seq: Tensor, lengths: Tensor) -> Tensor:
+        mask = length_mask(lengths, seq.shape[1])
+        seq = torch.where(mask[..., None], seq, torch.zeros((), dtype=seq.dtype))
+        states, _ = self.gru(seq)  # left-aligned: real positions never see padding
+        att = masked_softmax(torch.einsum("bd,bld->bl", self.query(query), states), mask)
+        h = states.new_zeros(seq.shape[0], self.hidden_dim)
+        for t in range(seq.shape[1]):
+            h = torch.where(mask[:, t, None], self.augru(states[:, t], h, att[:, t]), h)
+        return h
+
+
+def dot_attention(queries: Tensor, values: Tensor, lengths: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Dense-float twin of `kernels.int4_attend`: out[b,h] = Σ_l softmax_l(q_h·z_l/√d + bias) z_l.
+
+    queries [B, H, d], values [B, L, d], bias [B, L] or [B, H, L]; zeros for empty sequences."""
+    mask = length_mask(lengths, values.shape[1])
+    values = torch.where(mask[..., None], values, torch.zeros((), dtype=values.dtype))
+    logits = torch.einsum("bhd,bld->bhl", queries, values.to(queries.dtype)) / math.sqrt(values.shape[-1])
+    if bias is not None:
+        logits = logits + (bias[:, None] if bias.dim() == 2 else bias)
+    w = masked_softmax(logits, mask[:, None, :])
+    return torch.einsum("bhl,bld->bhd", w, values.to(queries.dtype))
+
+
+class MultiHeadTargetAttention(nn.Module):
+    """DMIN's multi-interest extractor, simplified: one self-attention layer over the behaviour
+    sequence (key-padding masked), then per head a target attention whose query is a per-head
+    projection of the target (dot-product, recency bias from a position embedding). Returns
+    [B, heads × dim]."""
+
+    def __init__(self, dim: int, query_dim: int, heads: int, max_len: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.self_attn = nn.MultiheadAttention(dim, num_heads=1, batch_first=True)
+        self.query = nn.Linear(query_dim, heads * dim)
+        self.position = nn.Embedding(max_len + 1, heads)
+        nn.init.zeros_(self.position.weight)
+        self.max_len = max_len
+        self.out_dim = heads * dim
+
+    def forward(self, query: Tensor, seq: Tensor, lengths: Tensor) -> Tensor:
+        B, L, D = seq.shape
+        mask = length_mask(lengths, L)
+        seq = torch.where(mask[..., None], seq, torch.zeros((), dtype=seq.dtype))
+        # an all-padding row would make attention NaN: let empty rows attend to position 0 (zeros)
+        kpm = ~(mask | (lengths == 0)[:, None] & (torch.arange(L, device=seq.device) == 0)[None])
+        att, _ = self.self_attn(seq, seq, seq, key_padding_mask=kpm, need_weights=False)
+        att = torch.where(mask[..., None], att + seq, torch.zeros((), dtype=seq.dtype))
+        recency = (lengths.to(torch.long)[:, None] - 1 - torch.arange(L, device=seq.device)).clamp(0, self.max_len)
+        bias = self.position(recency).permute(0, 2, 1)  # [B, H, L]
+        q = self.query(query).view(B, self.heads, D)
+        return dot_attention(q, att, lengths, bias).reshape(B, -1)
+
+
+class DMRRelevance(nn.Module):
+    """DMR's two relevance terms (Lyu et al. 2020), simplified.
+
+    User-to-Item: a user representation u = Σ_l a_l W h_l with a_l = softmax over real positions of
+    a position-embedding-driven score, relevance r_u2i = ⟨u, target⟩. Item-to-Item: target
+    attention of the target over the behaviours, relevance r_i2i = Σ_l (attention logit_l) and the
+    attention-pooled behaviours. Returns (u [B, D], pooled [B, D], relevances [B, 2]). Not
+    implemented: DMR's auxiliary next-item loss and its separate output item embeddings.
+    """
+
+    def __init__(self, dim: int, max_len: int) -> None:
+        super().__init__()
+        self.position = nn.Embedding(max_len + 1, dim)
+        nn.init.normal_(self.position.weight, std=1e-2)
+        self.u2i_score = nn.Linear(2 * dim, 1)
+        self.u2i_proj = nn.Linear(dim, dim)
+        self.i2i_query = nn.Linear(dim, dim, bias=False)
+        self.max_len = max_len
+
+    def forward(self, target: Tensor, seq: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, L, D = seq.shape
+        mask = length_mask(lengths, L)
+        seq = torch.where(mask[..., None], seq, torch.zeros((), dtype=seq.dtype))
+        recency = (lengths.to(torch.long)[:, None] - 1 - torch.arange(L, device=seq.device)).clamp(0, self.max_len)
+        pos = self.position(recency)
+        a = masked_softmax(self.u2i_score(torch.cat([seq, pos], -1)).squeeze(-1), mask)
+        u = self.u2i_proj(torch.einsum("bl,bld->bd", a, seq))
+        r_u2i = (u * target).sum(-1)
+        logits = torch.einsum("bd,bld->bl", self.i2i_query(target), seq + pos)
+        w = masked_softmax(logits, mask)
+        pooled = torch.einsum("bl,bld->bd", w, seq)
+        r_i2i = torch.where(mask, logits, torch.zeros_like(logits)).sum(-1)
+        return u, pooled, torch.stack([r_u2i, r_i2i], -1)
