@@ -1,0 +1,239 @@
+"""The foundation model for one device: TorchRec lookups, DMIN or DeepFM towers, named taps.
+
+No distribution code here (`loopfm.fm.parallelize` shards it). The top-level forward is
+torch.fx-traceable (no Python control flow on tensor values), as `TrainPipelineSparseDist` needs,
+and returns ``(loss, (logits, aux))``.
+
+Layers (the paper's ablation points are the *taps*):
+
+    EBC (pooled features) + EC (behaviour sequence + its targets) + numeric embeddings
+      -> arch: DMIN  (self-attention refiner, multi-head self-attention, one target attention
+                      per head with recency-position embeddings, masked by true length)
+               DeepFM (histories mean-pooled into fields; second-order FM term on the logit)
+      ``emb``  = concatenated feature lookups before any interaction (histories mean-pooled)
+      -> DNN over [non-sequence lookups, DMIN interests] (DMIN) or ``emb`` (DeepFM):
+         ``hidden0``, ``hidden1``, ``hidden2``, ... -> logit
+    Matryoshka autoencoder on stop-gradient(concat of the configured taps) -> codes ``z``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from loopfm.fm.autoencoder import MatryoshkaAutoencoder
+from loopfm.fm.config import AutoencoderConfig, ModelConfig
+from loopfm.fm.features import FeatureLayout
+
+NEG = -1e9  # finite mask sentinel: a fully masked row softmaxes to finite values, never NaN
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dims: list[int], dropout: float = 0.0, last_activation: bool = True) -> None:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2 or last_activation:
+                layers.append(nn.ReLU())
+                if dropout:
+                    layers.append(nn.Dropout(dropout))
+        super().__init__(*layers)
+
+
+class Tower(nn.Module):
+    """DNN over ``emb``; returns the logit and every hidden layer's output (the deep taps)."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden]
+        self.layers = nn.ModuleList(MLP([a, b], dropout) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(dims[-1], 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        hidden = []
+        for layer in self.layers:
+            x = layer(x)
+            hidden.append(x)
+        return self.out(x).squeeze(-1), hidden
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention + residual + LayerNorm; padded keys are masked out."""
+
+    def __init__(self, d_model: int, num_heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.h, self.hd, self.L = num_heads, d_model // num_heads, seq_len
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.out = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, H, L, hd]
+        return x.reshape(-1, self.L, self.h, self.hd).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hd)
+        scores = scores.masked_fill(~mask[:, None, None, :], NEG)
+        a = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, H, L, hd]
+        a = a.transpose(1, 2).reshape(-1, self.L, self.h * self.hd)
+        return self.norm(x + self.out(a))
+
+
+class DMIN(nn.Module):
+    """Deep Multi-Interest Network interaction (Xiao et al. 2020): one interest vector per head.
+
+    Behaviour refiner (self-attention), multi-interest extractor (multi-head self-attention),
+    then per head a DIN-style target attention unit over [h, q, h*q, h-q, position] whose
+    softmax weights are zeroed beyond the true length: an empty history gives a zero interest.
+    """
+
+    def __init__(self, seq_dim: int, seq_len: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        d_model = cfg.num_heads * cfg.head_dim
+        self.h, self.hd, self.L = cfg.num_heads, cfg.head_dim, seq_len
+        self.inp = nn.Linear(seq_dim, d_model)
+        self.target = nn.Linear(seq_dim, d_model)
+        self.refiner = SelfAttention(d_model, cfg.num_heads, seq_len)
+        self.extractor = SelfAttention(d_model, cfg.num_heads, seq_len)
+        self.position = nn.Embedding(seq_len, cfg.position_dim)
+        self.units = nn.ModuleList(
+            MLP([4 * cfg.head_dim + cfg.position_dim, *cfg.attention_mlp, 1], last_activation=False)
+            for _ in range(cfg.num_heads))
+        self.out_dim = d_model
+
+    def forward(self, seq: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        steps = torch.arange(self.L, device=lengths.device)
+        mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]; sequences are left-aligned
+        recency = (lengths.unsqueeze(1) - 1 - steps.unsqueeze(0)).clamp(min=0)  # 0 = newest
+        pos = self.position(recency)  # [B, L, P]
+        h = self.extractor(self.refiner(self.inp(seq), mask), mask)
+        h = h.reshape(-1, self.L, self.h, self.hd)
+        q = self.target(target).reshape(-1, self.h, self.hd)
+        interests = []
+        for i, unit in enumerate(self.units):
+            hi = h[:, :, i, :]
+            qi = q[:, i, :].unsqueeze(1).expand_as(hi)
+            score = unit(torch.cat([hi, qi, hi * qi, hi - qi, pos], dim=-1)).squeeze(-1)
+            w = torch.softmax(score.masked_fill(~mask, NEG), dim=1) * mask
+            interests.append((w.unsqueeze(-1) * hi).sum(dim=1))
+        return torch.cat(interests, dim=1)
+
+
+class FoundationModel(nn.Module):
+    """EBC + EC + numeric embeddings -> DMIN or DeepFM -> DNN -> logit, with taps and the AE."""
+
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig, ae_cfg: AutoencoderConfig | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.layout, self.arch, d = layout, cfg.arch, cfg.embedding_dim
+        self.d = d
+        self.ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=t.name, embedding_dim=d, num_embeddings=t.num_embeddings,
+                               feature_names=list(t.features), pooling=PoolingType.MEAN)
+            for t in layout.ebc_tables], device=device) if layout.ebc_tables else None
+        self.ec = EmbeddingCollection(tables=[
+            EmbeddingConfig(name=t.name, embedding_dim=d, num_embeddings=t.num_embeddings,
+                            feature_names=list(t.features))
+            for t in layout.ec_tables], device=device) if layout.ec_tables else None
+        self.numeric = nn.Parameter(torch.randn(len(layout.numeric), d, device=device) * 0.01) \
+            if layout.numeric else None
+        seq_dim = len(layout.behaviour) * d
+        self.dmin = DMIN(seq_dim, layout.max_len, cfg) if cfg.arch == "dmin" and layout.behaviour else None
+        lookups = (layout.num_fields + len(layout.behaviour)) * d  # the ``emb`` tap
+        # DNN input: DeepFM reads the lookups; DMIN replaces the pooled history by its interests.
+        self.dnn_in = lookups if self.dmin is None else layout.num_fields * d + self.dmin.out_dim
+        self.tower = Tower(self.dnn_in, list(cfg.dnn), cfg.dropout)
+        self.tap_dims = {"emb": lookups, **{f"hidden{i}": h for i, h in enumerate(cfg.dnn)}}
+        self.ae_taps: list[str] = []
+        self.autoencoder = None
+        if ae_cfg is not None and ae_cfg.enabled:  # built last: FM init is the same with or without it
+            missing = [t for t in ae_cfg.taps if t not in self.tap_dims]
+            if missing:
+                raise ValueError(f"autoencoder taps {missing} do not exist; taps: {list(self.tap_dims)}")
+            self.ae_taps = list(ae_cfg.taps)
+            self.ae_weight = ae_cfg.loss_weight
+            self.autoencoder = MatryoshkaAutoencoder(sum(self.tap_dims[t] for t in self.ae_taps), ae_cfg)
+
+    # -- the parts of the forward ---------------------------------------------------------------
+    def fields(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None,
+                                     torch.Tensor | None]:
+        """Field embeddings [B, d] each, behaviour sequences [B, L, d] each, lengths, target."""
+        lay, d = self.layout, self.d
+        fields: list[torch.Tensor] = []
+        seqs: list[torch.Tensor] = []
+        lengths = target = None
+        if self.ebc is not None:
+            fields.append(self.ebc(batch.sparse).values())
+        if self.ec is not None:
+            out = self.ec(batch.seq)
+            fields.extend(out[t].values() for t in lay.targets)
+            for name in lay.ec_bags:
+                fields.append(_mean_pool(out[name].to_padded_dense(), out[name].lengths()))
+            seqs = [out[s].to_padded_dense(desired_length=lay.max_len) for s in lay.behaviour]
+            if seqs:
+                lengths = out[lay.behaviour[0]].lengths()
+                by_name = {t: out[t].values() for t in lay.targets}
+                target = torch.cat([by_name[t] if t is not None else torch.zeros_like(seqs[0][:, 0, :])
+                                    for t in lay.seq_target], dim=1)
+        if self.numeric is not None:
+            fields.append((batch.dense.unsqueeze(-1) * self.numeric).reshape(-1, len(lay.numeric) * d))
+        return fields, seqs, lengths, target
+
+    def logits_and_taps(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fields, seqs, lengths, target = self.fields(batch)
+        # ``emb``: the concatenated feature lookups before any interaction (histories mean-pooled)
+        emb = torch.cat(fields + [_mean_pool(s, lengths) for s in seqs], dim=1)
+        extra = None
+        if self.dmin is not None:
+            dnn_in = torch.cat(fields + [self.dmin(torch.cat(seqs, dim=-1), lengths, target)], dim=1)
+        else:
+            dnn_in = emb
+            if self.arch == "deepfm":  # second-order FM term over all fields
+                f = emb.reshape(-1, self.tap_dims["emb"] // self.d, self.d)
+                extra = 0.5 * (f.sum(dim=1).pow(2) - f.pow(2).sum(dim=1)).sum(dim=1)
+        # Unsharded submodules are leaves of the pipeline's fx trace: index their outputs, never
+        # iterate them.
+        out = self.tower(dnn_in)
+        logits = out[0] if extra is None else out[0] + extra
+        taps = {"emb": emb}
+        for i in range(len(self.tower.layers)):
+            taps[f"hidden{i}"] = out[1][i]
+        return logits, taps
+
+    def forward(self, batch):
+        """``(loss, (logits, aux))``: the loss is this rank's share of the global-batch mean."""
+        logits, taps = self.logits_and_taps(batch)
+        bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        fm_loss = (bce * batch.weights).sum() / batch.norm
+        loss = fm_loss
+        aux = {"fm_loss": fm_loss.detach()}
+        if self.autoencoder is not None:
+            recon = self.autoencoder(self.ae_input(taps))[1]
+            ae_loss = (recon * batch.weights).sum() / batch.norm
+            loss = loss + self.ae_weight * ae_loss
+            aux["ae_loss"] = ae_loss.detach()
+        return loss, (logits.detach(), aux)
+
+    def ae_input(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Stop-gradient: the autoencoder learns from the FM, never the other way round.
+        return torch.cat([taps[t] for t in self.ae_taps], dim=1).detach()
+
+    @torch.no_grad()
+    def forward_with_taps(self, batch) -> dict[str, torch.Tensor]:
+        """Inference outputs for the extract stage: logits, probabilities, every tap, codes ``z``."""
+        logits, taps = self.logits_and_taps(batch)
+        out = {"logits": logits, "probs": torch.sigmoid(logits), **taps}
+        if self.autoencoder is not None:
+            out["z"] = self.autoencoder.encode(self.ae_input(taps))
+        return out
+
+
+def _mean_pool(seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean over the first ``lengths`` positions of left-aligned ``seq`` [B, L, d]; empty -> 0."""
+    steps = torch.arange(seq.shape[1], device=seq.device)
+    mask = (steps.unsqueeze(0) < lengths.unsqueeze(1)).to(seq.dtype)
+    return (seq * mask.unsqueeze(-1)).sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(seq.dtype)

@@ -1,0 +1,340 @@
+"""`loopfm train-fm`: train the FM on the training days, evaluate it on each later day.
+
+One entry point, `train_fm`, wired in a fixed order: process group -> model -> sharding plan +
+DMP -> optimizers -> data -> checkpointer -> metrics logger -> loop -> evaluation -> output.
+The same code runs in one process or under ``torchrun`` (each rank reads its slice of every
+global batch; see `loopfm.fm.batch`).
+
+Folders (``OUT`` is ``RUN_DIR/fm``):
+
+    RUN_DIR/fm.work/   while training: checkpoints/, plan.json, run.json, tb/, metrics.jsonl;
+                       ``--resume`` continues from its latest checkpoint; removed once OUT is done
+    RUN_DIR/fm/        written atomically at the end (`loopfm.artifacts`): model.pt (unsharded
+                       state dict, FM + autoencoder), fm_config.json, schema.json, plan.json,
+                       eval.json (per eval day: auc, logloss, ne, rows), metrics.jsonl, tb/,
+                       checkpoints/ (the last one), config.yaml, _SUCCESS
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from loopfm.artifacts import atomic_output, read_manifest, write_manifest
+from loopfm.data.eventlog import EventLog
+from loopfm.data.schema import Schema
+from loopfm.fm.batch import BatchBuilder, iter_batches, num_global_batches
+from loopfm.fm.checkpoint import Checkpointer
+from loopfm.fm.config import (AutoencoderConfig, FMConfig, FMConfigError, ModelConfig, OptimizerConfig,
+                              ParallelConfig, TrainConfig)
+from loopfm.fm.features import FeatureLayout, select_features
+from loopfm.fm.model import FoundationModel
+from loopfm.fm.parallelize import parallelize, plan_summary, plan_to_json
+from loopfm.metrics import binary_metrics
+from loopfm.tracking import MetricLogger, build_logger
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    owned: bool  # this module created the process group (and destroys it)
+
+
+def train_fm(cfg: FMConfig, data_dir: str | Path, out_dir: str | Path, *, seed: int, config_hash: str,
+             config_yaml: str | None = None, resume: bool = False, progress: bool = True) -> dict | None:
+    """Train, evaluate and write ``out_dir``; returns the eval metrics (None if stopped by max_steps)."""
+    out_dir = Path(out_dir)
+    work = out_dir.parent / f"{out_dir.name}.work"
+    ctx = init_distributed(cfg.parallel.device, cfg.parallel.cpu_threads)  # 1. process group
+    logger: MetricLogger | None = None
+    try:
+        log = EventLog(data_dir)
+        _check_protocol(cfg.train, log, ctx.world_size)
+        layout = FeatureLayout.build(select_features(log.schema, cfg.model), cfg.model.sequence_group)
+        torch.manual_seed(seed)  # 2. model: identical on every rank, independent of the world size
+        model = FoundationModel(layout, cfg.model, cfg.autoencoder)
+        latest = _prepare_work(work, ctx, resume, config_hash)
+        plan = json.loads((work / "plan.json").read_text()) if latest else None
+        dmp = parallelize(model, cfg.parallel, cfg.optimizer, ctx.device, plan=plan)  # 3. plan + DMP
+        if ctx.rank == 0 and plan is None:
+            (work / "plan.json").write_text(json.dumps(plan_to_json(dmp), indent=1))
+        dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+        dense_opt = torch.optim.Adam(dense_params, lr=cfg.optimizer.dense_lr)  # 4. optimizers
+        torch.manual_seed(seed + 1 + ctx.rank)  # per-rank stream (dropout); checkpointed
+        builder = BatchBuilder(layout, ctx.rank, ctx.world_size)  # 5. data
+        ckpt = Checkpointer(work / "checkpoints", ctx.rank, ctx.world_size, cfg.train.keep_checkpoints)  # 6.
+        position = {"epoch": 0, "day_index": 0, "batch_in_day": 0, "step": 0}
+        if latest:
+            position = ckpt.load(dmp, dmp.fused_optimizer, dense_opt)
+            _print(ctx, f"resuming from {work / 'checkpoints' / latest['dir']} (step {position['step']})")
+        logger = build_logger(work, ctx.rank, resume_step=position["step"] if latest else None)  # 7.
+        _print(ctx, f"train-fm: {ctx.world_size} process(es) on {ctx.device}, plan {plan_summary(dmp)}")
+        finished = _train_loop(cfg.train, dmp, dense_opt, log, builder, ckpt, logger, position, ctx, progress)
+        if not finished:
+            return None
+        metrics = evaluate(dmp, log, cfg.train.eval_days, cfg.train.eval_batch_size, builder, ctx)
+        if ctx.rank == 0:
+            step = position["step"]
+            logger.log({f"eval/day{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}, step)
+        logger.close()
+        logger = None
+        full = full_state_dict(dmp, ctx.rank, ctx.device)
+        if ctx.rank == 0:
+            _publish(out_dir, work, full, cfg, log, metrics, config_hash, config_yaml, ctx)
+        _barrier()
+        return metrics
+    finally:
+        if logger is not None:
+            logger.close()
+        if ctx.owned:
+            dist.destroy_process_group()
+
+
+def init_distributed(device: str, threads: int = 0) -> DistContext:
+    """gloo on CPU, nccl on GPU; env:// under torchrun, else a one-process group."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("fm.parallel.device=cuda but no CUDA device is available")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    dev = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), dev, owned=False)
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+        return DistContext(dist.get_rank(), dist.get_world_size(), dev, owned=True)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # in-memory store
+    return DistContext(0, 1, dev, owned=True)
+
+
+def _check_protocol(cfg: TrainConfig, log: EventLog, world_size: int) -> None:
+    missing = [d for d in (*cfg.train_days, *cfg.eval_days) if d not in log.days]
+    if missing:
+        raise FMConfigError(f"fm.train: days {missing} are not in the event log {log.root} (days: {log.days})")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(cfg, name) % world_size:
+            raise FMConfigError(f"fm.train.{name}={getattr(cfg, name)} must divide by the number of "
+                             f"processes ({world_size}): each rank takes an equal slice of a global batch")
+
+
+def _prepare_work(work: Path, ctx: DistContext, resume: bool, config_hash: str) -> dict | None:
+    """Fresh work folder, or the latest checkpoint's record when resuming (same config only)."""
+    latest, error = None, None
+    if ctx.rank == 0:
+        run = work / "run.json"
+        if resume and run.is_file():
+            latest = Checkpointer(work / "checkpoints").latest()
+            old = json.loads(run.read_text())["config_hash"]
+            if latest is not None and old != config_hash:
+                error = (f"{work} holds a checkpoint of a different config ({old} != {config_hash}); "
+                         "run without --resume to start over")
+        if resume and latest is None:
+            print(f"train-fm: no checkpoint in {work}; starting from the beginning", flush=True)
+        if latest is None and error is None:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            run.write_text(json.dumps({"config_hash": config_hash, "world_size": ctx.world_size}))
+    box = [latest, error]
+    if ctx.world_size > 1:  # every rank learns the outcome (and fails together)
+        dist.broadcast_object_list(box, src=0)
+    if box[1]:
+        raise ValueError(box[1])
+    return box[0]
+
+
+def _train_loop(cfg: TrainConfig, dmp, dense_opt, log: EventLog, builder: BatchBuilder, ckpt: Checkpointer,
+                logger: MetricLogger, position: dict, ctx: DistContext, progress: bool) -> bool:
+    """One pass per epoch over the training days in time order; False if stopped by max_steps."""
+    pipeline = TrainPipelineSparseDist(dmp, dense_opt, ctx.device)
+    G, days = cfg.batch_size, cfg.train_days
+    per_day = [num_global_batches(log, d, G) for d in days]
+    step = position["step"]
+    bar = tqdm(total=cfg.epochs * sum(per_day) * G, initial=step * G, unit=" ex", unit_scale=True,
+               desc="train-fm", disable=not progress or ctx.rank != 0, smoothing=0.1)
+    window = torch.zeros(2, device=ctx.device)
+    t0, n0 = time.perf_counter(), step
+    for epoch in range(position["epoch"], cfg.epochs):
+        for di in range(len(days)):
+            if (epoch, di) < (position["epoch"], position["day_index"]):
+                continue
+            k = position["batch_in_day"] if (epoch, di) == (position["epoch"], position["day_index"]) else 0
+            batches = iter_batches(log, [days[di]], G, builder, skip=k)
+            while True:
+                try:
+                    _, aux = pipeline.progress(batches)  # the model output (logits, aux)
+                except StopIteration:
+                    break
+                step, k = step + 1, k + 1
+                bar.update(G)
+                window += torch.stack([aux["fm_loss"], aux.get("ae_loss", torch.zeros((), device=ctx.device))])
+                if step % cfg.log_every_steps == 0:  # examples/s over the last window of steps
+                    _log_train(logger, window / (step - n0), step, (step - n0) * G / (time.perf_counter() - t0))
+                    window.zero_()
+                    t0, n0 = time.perf_counter(), step
+                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and k < per_day[di]:
+                    ckpt.save(step, dmp, dmp.fused_optimizer, dense_opt,
+                              {"epoch": epoch, "day_index": di, "batch_in_day": k, "step": step})
+                if cfg.max_steps and step >= cfg.max_steps:
+                    bar.close()
+                    return False
+            nxt = (epoch, di + 1) if di + 1 < len(days) else (epoch + 1, 0)
+            ckpt.save(step, dmp, dmp.fused_optimizer, dense_opt,  # day end
+                      {"epoch": nxt[0], "day_index": nxt[1], "batch_in_day": 0, "step": step})
+            pipeline.detach()  # the next day's iterator re-attaches it
+    bar.close()
+    position["step"] = step
+    return True
+
+
+def _log_train(logger: MetricLogger, mean: torch.Tensor, step: int, examples_per_s: float) -> None:
+    # Each rank's loss is its share of the global-batch mean: the sum over ranks is the mean.
+    total = mean.clone()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    total = total.tolist()
+    logger.log({"train/loss": total[0], "train/ae_loss": total[1], "train/examples_per_s": examples_per_s}, step)
+
+
+@torch.no_grad()
+def evaluate(dmp, log: EventLog, days: list[int], batch_size: int, builder: BatchBuilder,
+             ctx: DistContext) -> dict[str, dict[str, float]]:
+    """AUC, LogLoss, NE and row count per eval day (``{"5": {...}}``), the same on every rank."""
+    dmp.eval()
+    out: dict[str, dict[str, float]] = {}
+    for day in days:
+        preds, labels = [], []
+        for batch in iter_batches(log, [day], batch_size, builder):
+            batch = batch.to(ctx.device)
+            _, (logits, _) = dmp(batch)
+            real = batch.weights > 0
+            preds.append(torch.sigmoid(logits)[real])
+            labels.append(batch.labels[real])
+        p, y = _gather(torch.cat(preds)), _gather(torch.cat(labels))
+        if ctx.rank == 0:
+            out[str(day)] = {**binary_metrics(y.cpu().numpy(), p.double().cpu().numpy()), "rows": int(y.numel())}
+    dmp.train()
+    box = [out]
+    if ctx.world_size > 1:  # every rank returns the same metrics
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of 1-D tensors of any lengths."""
+    world = dist.get_world_size()
+    if world == 1:
+        return t
+    n = torch.tensor([t.numel()], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+    padded[:t.numel()] = t
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def full_state_dict(dmp, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The unsharded model state on CPU (complete on rank 0, empty elsewhere); a collective call."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in dmp.state_dict().items():
+        if hasattr(value, "local_shards"):
+            full = torch.empty(value.size(), dtype=value.dtype, device=device) if rank == 0 else None
+            value.gather(dst=0, out=full)
+            if rank == 0:
+                out[key] = full.cpu()
+        elif rank == 0:
+            out[key] = value.detach().cpu().clone()
+    return out
+
+
+def _publish(out_dir: Path, work: Path, full: dict, cfg: FMConfig, log: EventLog, metrics: dict,
+             config_hash: str, config_yaml: str | None, ctx: DistContext) -> None:
+    latest = Checkpointer(work / "checkpoints").latest()
+    with atomic_output(out_dir) as tmp:
+        torch.save(full, tmp / "model.pt")
+        (tmp / "fm_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        log.schema.save(tmp / "schema.json")
+        (tmp / "eval.json").write_text(json.dumps(metrics, indent=2))
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        for name in ("plan.json", "metrics.jsonl"):
+            shutil.copy2(work / name, tmp / name)
+        if (work / "tb").is_dir():
+            shutil.copytree(work / "tb", tmp / "tb")
+        if latest is not None:  # hard links: no copy of a large checkpoint, and the work folder stays valid
+            shutil.copytree(work / "checkpoints" / latest["dir"], tmp / "checkpoints" / latest["dir"],
+                            copy_function=_link_or_copy)
+            (tmp / "checkpoints" / "LATEST").write_text(json.dumps(latest))
+        write_manifest(tmp, stage="train-fm", config_hash=config_hash, data=str(log.root),
+                       world_size=ctx.world_size, steps=latest["step"] if latest else 0, eval=metrics)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _print(ctx: DistContext, msg: str) -> None:
+    if ctx.rank == 0:
+        print(msg, flush=True)
+
+
+def fm_hash_payload(cfg: FMConfig) -> dict:
+    """What identifies a trained FM: the config without run controls (``max_steps``), so that a
+    stopped run resumes under the same hash."""
+    data = asdict(cfg)
+    data["train"].pop("max_steps")
+    return data
+
+
+# -- inference API for later stages -------------------------------------------------------------
+def fm_config_from_dict(data: dict) -> FMConfig:
+    """Rebuild an `FMConfig` from ``fm_config.json`` (plain dataclass fields, no config loader)."""
+    return FMConfig(model=ModelConfig(**data["model"]), autoencoder=AutoencoderConfig(**data["autoencoder"]),
+                    optimizer=OptimizerConfig(**data["optimizer"]), parallel=ParallelConfig(**data["parallel"]),
+                    train=TrainConfig(**data["train"]))
+
+
+def load_trained_fm(run_dir: str | Path) -> tuple[FoundationModel, Schema]:
+    """The final FM of ``RUN_DIR/fm`` on one process (unsharded, CPU, eval mode) and its schema.
+
+    Batches for it: ``BatchBuilder(model.layout)`` over `loopfm.fm.batch.global_batches`;
+    ``model.forward_with_taps(batch)`` gives logits, probs, every tap and the AE codes ``z``.
+    """
+    fm = Path(run_dir) / "fm"
+    read_manifest(fm)  # raises if the stage did not finish
+    schema = Schema.load(fm / "schema.json")
+    cfg = fm_config_from_dict(json.loads((fm / "fm_config.json").read_text()))
+    layout = FeatureLayout.build(select_features(schema, cfg.model), cfg.model.sequence_group)
+    model = FoundationModel(layout, cfg.model, cfg.autoencoder)
+    model.load_state_dict(torch.load(fm / "model.pt", weights_only=True, map_location="cpu"))
+    return model.eval(), schema
