@@ -63,7 +63,7 @@ def _launch(nproc: int, scratch: Path, *args) -> None:
 
 
 def bench(name: str, nproc: int, steps: int, root: Path, threads: int) -> dict:
-    from loopfm.cli import run_prepare
+    from loopfm.pipeline import run_prepare
     from loopfm.config import load_config, LoopFMConfig
 
     cfg = load_config(LoopFMConfig, CONFIGS[name])

@@ -1,26 +1,24 @@
 """`loopfm` command line: one sub-command per pipeline stage, plus `run` for the whole chain.
 
 Every command takes a YAML config and dotted ``key=value`` overrides (``data.synthetic.rows=5000``);
-``loopfm CMD --help`` lists the command's options and the config keys it reads.
+``loopfm CMD --help`` lists the command's options and the config keys it reads. Stage commands
+take the run folder as ``--out RUN`` and read / write ``RUN/<stage>`` (see `loopfm.pipeline`).
+The work itself lives in `loopfm.pipeline`; this file only parses and prints.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
 from pathlib import Path
 
-from loopfm.artifacts import is_complete
-from loopfm.config import ConfigError, LoopFMConfig, config_hash, load_config, save_config, to_dict
+from loopfm.config import ConfigError, LoopFMConfig, load_config
 from loopfm.data.errors import DataError
-from loopfm.data.sources import DataConfig
 
-import yaml
-
-# Stages of the pipeline in order; the ones without a command yet are listed by `run`.
 PIPELINE = ("prepare", "train-fm", "extract", "compress", "build-sequences", "train-vm", "report")
 
 
@@ -40,10 +38,26 @@ def config_keys_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _stage_parser(sub, name: str, help: str, description: str, func, *, keys: tuple[str, ...] = (),
+                  out_help: str = "run folder", sharded: bool = False) -> argparse.ArgumentParser:
+    """A stage command: CONFIG, overrides, --out, --force, --quiet (+ --rank/--world-size)."""
+    epilog = [line for line in config_keys_help(LoopFMConfig)
+              if not keys or line.split()[0].split(".")[0] in keys]
+    p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys:\n" + "\n".join(epilog))
     p.add_argument("config", nargs="?", help="YAML experiment config (e.g. configs/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. data.synthetic.rows=5000 seed=1")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if sharded:
+        p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                       help="this replica's key-hash shard (default $RANK or 0)")
+        p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                       help="number of shards (default $WORLD_SIZE or 1)")
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,47 +68,63 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="pipeline: " + " -> ".join(PIPELINE) + ".  Run `loopfm CMD --help` for a stage's options.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("prepare", formatter_class=fmt,
-                       help="turn a data source into the canonical Parquet event log",
-                       description="Read a source (synthetic, movielens, taobao-raw, taobao-x1, events) "
-                                   "and write OUT/events/day=K/*.parquet, schema.json, vocab/, _SUCCESS.",
-                       epilog="config keys:\n" + "\n".join(config_keys_help(LoopFMConfig)))
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p = _stage_parser(sub, "prepare", "turn a data source into the canonical Parquet event log",
+                      "Read a source (synthetic, movielens, taobao-raw, taobao-x1, events) and write "
+                      "OUT/events/day=K/*.parquet, schema.json, vocab/, _SUCCESS.", cmd_prepare,
+                      keys=("seed", "data"), out_help="output folder (written atomically), e.g. RUN/data")
     p.add_argument("--source", help="shorthand for data.source=SOURCE")
     p.add_argument("--input", help="input file or folder (data.events.input for events, else data.<source>.path)")
     p.add_argument("--schema", help="YAML schema of an events input (data.events.schema)")
-    p.add_argument("--force", action="store_true", help="rebuild even if OUT is complete for this config")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train-fm", formatter_class=fmt, help="train the foundation model and evaluate it",
-                       description="Train the FM (TorchRec, sharded) on RUN_DIR/data (made by `loopfm prepare "
-                                   "CONFIG --out RUN_DIR/data`) and write RUN_DIR/fm: model, autoencoder, "
-                                   "per-day eval metrics. Works under `torchrun --nproc_per_node=N -m loopfm.cli`.",
-                       epilog="config keys:\n" + "\n".join(config_keys_help(LoopFMConfig)))
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="run folder: reads OUT/data, writes OUT/fm")
+    p = _stage_parser(sub, "train-fm", "train the foundation model and evaluate it",
+                      "Train the FM (TorchRec, sharded) on RUN/data and write RUN/fm: model, autoencoder, "
+                      "per-day eval metrics. Works under `torchrun --nproc_per_node=N -m loopfm.cli`.",
+                      cmd_train_fm, keys=("seed", "fm"), out_help="run folder: reads OUT/data, writes OUT/fm")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/fm.work")
-    p.add_argument("--force", action="store_true", help="retrain even if OUT/fm is complete for this config")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train_fm)
 
-    p = sub.add_parser("run", formatter_class=fmt, help="run the whole pipeline on one config",
-                       description="Run every stage in order into OUT/<stage>, skipping stages whose "
-                                   "output is complete for the same config.",
-                       epilog="config keys:\n" + "\n".join(config_keys_help(LoopFMConfig)))
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--force", action="store_true", help="rerun every stage")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_run)
+    _stage_parser(sub, "extract", "log the FM's soft labels and codes for the VM days",
+                  "One FM inference pass over extract.days of RUN/data with the final RUN/fm; writes "
+                  "RUN/extract. Under N ranks each scores its users' key-hash shard.", cmd_extract,
+                  keys=("extract",), sharded=True)
+    _stage_parser(sub, "compress", "quantize the codes (fp16, int8, int4, int4-kmeans)",
+                  "Read RUN/extract, write RUN/compress: packed codes and an error report.", cmd_compress,
+                  keys=("compress",), sharded=True)
+    p = _stage_parser(sub, "build-sequences", "group codes into point-in-time per-key timelines",
+                      "Read RUN/compress, write RUN/sequences: timelines stored once, per-example "
+                      "(key, start, end) offsets; entries strictly earlier than the example, within "
+                      "the window, newest last, at most sequences.max_len.", cmd_build_sequences,
+                      keys=("sequences",), sharded=True)
+    p.add_argument("--append", action="store_true",
+                   help="add sequences.days to the existing RUN/sequences instead of rebuilding")
+
+    p = sub.add_parser("sequences", help="inspect built sequences")
+    seq = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = seq.add_parser("show", help="print one example's sequence as JSON (oldest -> newest)")
+    p.add_argument("run_dir", help="run folder (or its sequences/ folder)")
+    p.add_argument("--example-id", type=int, required=True)
+    p.add_argument("--key", choices=("user", "item"), help="which timelines (default: the first built)")
+    p.set_defaults(func=cmd_sequences_show)
+
+    _stage_parser(sub, "train-vm", "train and test the vertical models (all variants and seeds)",
+                  "Train vm.models x vm.variants x vm.seeds one pass over vm.train_days and test on "
+                  "vm.test_day; writes RUN/vm.", cmd_train_vm, keys=("vm",))
+    _stage_parser(sub, "report", "results.json, report.md with plots, TensorBoard scalars",
+                  "Summarise RUN/fm and RUN/vm: results.json, report.md (+ PNG plots), RUN/tb/.",
+                  cmd_report, keys=("vm",))
+    _stage_parser(sub, "run", "run the whole pipeline on one config",
+                  "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
+                  "for the same config; a killed run picks up where it stopped.", cmd_run)
+    try:
+        from loopfm.launch import add_launch_parser
+    except ImportError:  # torchx not installed: everything but `launch` still works
+        pass
+    else:
+        add_launch_parser(sub)
     return parser
 
 
-def _load(args: argparse.Namespace, extra: list[str]) -> LoopFMConfig:
+def _load(args: argparse.Namespace, extra: list[str] = ()) -> LoopFMConfig:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # no config file, only overrides
@@ -116,129 +146,135 @@ def _source_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
-def input_fingerprint(data: DataConfig) -> dict[str, list]:
-    """Size and mtime of the input files the chosen source names (config fields marked
-    ``metadata={"input": True}``), so an edited input or schema is not taken for the prepared one."""
-    prints = {}
-    section = data.source_config()
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if not (f.metadata.get("input") and isinstance(value, str) and value and Path(value).exists()):
-            continue
-        path = Path(value)
-        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-        prints[f.name] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return prints
-
-
-def run_prepare(cfg: LoopFMConfig, out: Path, *, force: bool, progress: bool) -> tuple[dict, bool]:
-    """Prepare ``cfg.data`` into ``out`` unless it is already there; returns (manifest, ran)."""
-    from loopfm.artifacts import read_manifest
-    from loopfm.data.prepare import prepare
-    from loopfm.data.sources import build_source
-
-    key = config_hash({"seed": cfg.seed, "data": cfg.data, "inputs": input_fingerprint(cfg.data)})
-    if not force and is_complete(out, key):
-        return read_manifest(out), False
-    source = build_source(cfg.data, seed=cfg.seed)
-    manifest = prepare(source, out, min_count=cfg.data.min_count, config_hash=key,
-                       config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), progress=progress)
-    return manifest, True
-
-
 def _print_prepare_summary(out: Path, manifest: dict) -> None:
+    import numpy as np
+
     from loopfm.data.eventlog import EventLog
 
     log = EventLog(out)
     labels = log.read(columns=["day", "label"])
     print(f"dataset {manifest['dataset']}: {manifest['rows']:,} events in {out}")
     print("| day | rows | positive rate |\n|---:|---:|---:|")
-    import numpy as np
     day = labels.column("day").to_numpy()
     lab = labels.column("label").to_numpy()
     for d in log.days:
         m = day == d
         print(f"| {d} | {int(m.sum()):,} | {lab[m].mean():.4f} |")
     fm_only = [f.name for f in log.schema.features if f.fm_only]
-    vm = [f.name for f in log.schema.vm_features()]
-    print(f"VM-visible features: {', '.join(vm)}")
+    print(f"VM-visible features: {', '.join(f.name for f in log.schema.vm_features())}")
     print(f"FM-only features:    {', '.join(fm_only) or '(none)'}")
     if manifest.get("skipped_rows"):
         print(f"skipped rows: {manifest['skipped_rows']}")
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    cfg = _load(args, _source_overrides(args))
-    out = Path(args.out)
-    start = time.perf_counter()
-    manifest, ran = run_prepare(cfg, out, force=args.force, progress=not args.quiet)
-    if not ran:
-        print(f"{out} is complete for this config (use --force to rebuild)")
-    else:
-        print(f"prepared in {time.perf_counter() - start:.1f}s")
-    _print_prepare_summary(out, manifest)
-    return 0
-
-
-def run_train_fm(cfg: LoopFMConfig, run_dir: Path, *, resume: bool, force: bool,
-                 progress: bool) -> tuple[dict | None, bool]:
-    """Train RUN_DIR/fm from RUN_DIR/data unless complete; returns (eval metrics, ran)."""
-    from loopfm.artifacts import read_manifest
-    from loopfm.fm.train import train_fm
-
-    key = config_hash({"seed": cfg.seed, "data": cfg.data, "fm": cfg.fm})
-    if not force and is_complete(run_dir / "fm", key):
-        return read_manifest(run_dir / "fm")["eval"], False
-    read_manifest(run_dir / "data")  # a clear error if prepare has not run
-    metrics = train_fm(cfg.fm, run_dir / "data", run_dir / "fm", seed=cfg.seed, config_hash=key,
-                       config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), resume=resume,
-                       progress=progress)
-    return metrics, True
-
-
 def _print_eval(metrics: dict | None) -> None:
-    if metrics:  # None on ranks > 0 and when stopped early
+    if metrics:  # None when stopped early (fm.train.max_steps)
         print("| day | rows | AUC | LogLoss | NE |\n|---:|---:|---:|---:|---:|")
         for day, m in metrics.items():
             print(f"| {day} | {m['rows']:,} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['ne']:.4f} |")
 
 
+def _done(stage: str, ran: bool, start: float) -> None:
+    print(f"[{stage}] {'done in %.1fs' % (time.perf_counter() - start) if ran else 'up to date (--force to redo)'}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from loopfm.pipeline import run_prepare
+
+    cfg = _load(args, _source_overrides(args))
+    start = time.perf_counter()
+    manifest, ran = run_prepare(cfg, Path(args.out), force=args.force, progress=not args.quiet)
+    _done("prepare", ran, start)
+    _print_prepare_summary(Path(args.out), manifest)
+    return 0
+
+
 def cmd_train_fm(args: argparse.Namespace) -> int:
-    cfg = _load(args, [])
+    from loopfm.pipeline import run_train_fm
+
+    cfg = _load(args)
     start = time.perf_counter()
     metrics, ran = run_train_fm(cfg, Path(args.out), resume=args.resume, force=args.force,
                                 progress=not args.quiet)
-    if metrics is not None:  # rank 0 of a finished run (other ranks and max_steps stops get None)
-        print(f"[train-fm] {'done' if ran else 'up to date'} in {time.perf_counter() - start:.1f}s")
+    if metrics is not None and os.environ.get("RANK", "0") == "0":
+        _done("train-fm", ran, start)
         _print_eval(metrics)
     return 0
 
 
+def _sharded(args: argparse.Namespace, stage: str, run, **kwargs) -> int:
+    cfg = _load(args)
+    start = time.perf_counter()
+    manifest, ran = run(cfg, Path(args.out), rank=args.rank, world_size=args.world_size, force=args.force,
+                        progress=not args.quiet, **kwargs)
+    _done(f"{stage}{'' if args.world_size == 1 else f' rank {args.rank}/{args.world_size}'}", ran, start)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from loopfm.pipeline import run_extract
+    return _sharded(args, "extract", run_extract)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from loopfm.pipeline import run_compress
+    return _sharded(args, "compress", run_compress)
+
+
+def cmd_build_sequences(args: argparse.Namespace) -> int:
+    from loopfm.pipeline import run_build_sequences
+    return _sharded(args, "build-sequences", run_build_sequences, append=args.append)
+
+
+def cmd_sequences_show(args: argparse.Namespace) -> int:
+    from loopfm.stages.sequences import show_sequence
+
+    print(json.dumps(show_sequence(args.run_dir, args.example_id, args.key), indent=2))
+    return 0
+
+
+def cmd_train_vm(args: argparse.Namespace) -> int:
+    from loopfm.pipeline import run_train_vm
+
+    cfg = _load(args)
+    start = time.perf_counter()
+    _, ran = run_train_vm(cfg, Path(args.out), force=args.force, progress=not args.quiet)
+    _done("train-vm", ran, start)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from loopfm import report
+    from loopfm.pipeline import run_report
+
+    results = run_report(_load(args), Path(args.out))
+    print(report.results_table(results))
+    print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args, [])
+    from loopfm import report
+    from loopfm.pipeline import run_all
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    manifest, ran = run_prepare(cfg, out / "data", force=args.force, progress=not args.quiet)
-    timings["prepare"] = time.perf_counter() - start
-    print(f"[prepare] {'done' if ran else 'up to date'} in {timings['prepare']:.1f}s")
-    _print_prepare_summary(out / "data", manifest)
-    start = time.perf_counter()
-    metrics, ran = run_train_fm(cfg, out, resume=False, force=args.force, progress=not args.quiet)
-    timings["train-fm"] = time.perf_counter() - start
-    print(f"[train-fm] {'done' if ran else 'up to date'} in {timings['train-fm']:.1f}s")
-    _print_eval(metrics)
-    todo = [s for s in PIPELINE if s not in ("prepare", "train-fm")]
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
-    print(f"\nstages still to come in this version: {', '.join(todo)} "
-          "(the event log above is their input)")
+    results = run_all(_load(args), out, force=args.force, progress=not args.quiet)
+    print()
+    print(report.results_table(results))
+    print(f"\nresults: {out / 'results.json'}   report: {out / 'report.md'}   "
+          f"TensorBoard: tensorboard --logdir {out / 'tb'}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`run CONFIG --out RUN a.b=1`).
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as err:
