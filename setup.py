@@ -40,7 +40,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "triton==3.6.0", "scikit-learn"],
-        "k8s": ["kubernetes"],
+        "k8s": ["kubernetes<37"],  # 37 needs urllib3>=2.8; torchx 0.7.0 pins urllib3<1.27
         "bench": ["duckdb"],
     },
     entry_points={"console_scripts": ["loopfm = loopfm.cli:main"]},
