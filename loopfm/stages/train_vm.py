@@ -43,6 +43,9 @@ class VMStageConfig:
     test_day: int = field(default=8, metadata={"help": "day the metrics are reported on"})
     seeds: int = field(default=1, metadata={"help": "repeat every run with this many seeds (table 9)"})
     sequence_key: str = field(default="user", metadata={"help": "which timelines feed the VM: user or item"})
+    raw_seq_feature: str = field(default="", metadata={
+        "help": "event-log column of past item ids fed to the VM as a raw-ID sequence (table 4: raw "
+                "vs LoopFM vs both; e.g. hist_item_id on MovieLens); needs vm.model.raw_seq=true"})
     threads: int = field(default=1, metadata={
         "help": "torch threads per run (small VMs run fastest single-threaded on a shared CPU)"})
     model: VMModelConfig = field(default_factory=VMModelConfig)
@@ -59,6 +62,9 @@ class VMStageConfig:
             raise ValueError("vm.seeds and vm.threads must be >= 1")
         if not self.models:
             raise ValueError("vm.models must name at least one model")
+        if bool(self.raw_seq_feature) != self.model.raw_seq:
+            raise ValueError("vm.raw_seq_feature and vm.model.raw_seq=true go together (the column to "
+                             "read and the model's switch to read it)")
 
 
 def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *, config_hash: str,
@@ -128,7 +134,8 @@ class _Inputs:
         from loopfm.vm.batch import attach_sequence, iter_vm_batches
 
         out = []
-        for b in iter_vm_batches(self.log, days, self.cfg.train.batch_size):
+        raw = self.cfg.raw_seq_feature or None
+        for b in iter_vm_batches(self.log, days, self.cfg.train.batch_size, raw_seq_feature=raw):
             ids = b.example_ids.numpy()
             if self.soft is not None:
                 soft = self.soft[ids]

@@ -117,5 +117,12 @@ def test_train_vm_on_the_chain(trained_run, tmp_path):
     # Seeds differ, variants differ.
     assert not np.allclose(preds.column("deepfm/baseline/0").to_numpy(), preds.column("deepfm/baseline/1").to_numpy())
     assert not np.allclose(preds.column("deepfm/baseline/0").to_numpy(), preds.column("deepfm/loopfm/0").to_numpy())
+    # Table 4's raw-ID sequence: the toy log's history column (item ids) read by the VM itself.
+    raw = dataclasses.replace(cfg, models=["din"], variants=["baseline", "loopfm"], seeds=1, raw_seq_feature="hist",
+                              model=dataclasses.replace(cfg.model, raw_seq=True))
+    m = run_train_vm(raw, run, run / "vm_raw", config_hash="h", progress=False)
+    assert m["runs"] == 2
+    with pytest.raises(ValueError, match="go together"):
+        dataclasses.replace(cfg, raw_seq_feature="hist")
     with pytest.raises(ValueError, match="no soft label"):
         run_train_vm(dataclasses.replace(cfg, train_days=[3]), run, run / "vm2", config_hash="h", progress=False)
