@@ -109,9 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "train-vm", "train and test the vertical models (all variants and seeds)",
                   "Train vm.models x vm.variants x vm.seeds one pass over vm.train_days and test on "
                   "vm.test_day; writes RUN/vm.", cmd_train_vm, keys=("vm",))
-    _stage_parser(sub, "report", "results.json, report.md with plots, TensorBoard scalars",
-                  "Summarise RUN/fm and RUN/vm: results.json, report.md (+ PNG plots), RUN/tb/.",
-                  cmd_report, keys=("vm",))
+    p = _stage_parser(sub, "report", "results.json, report.md with plots, TensorBoard scalars",
+                      "Summarise RUN/fm and RUN/vm: results.json, report.md (+ PNG plots), RUN/tb/.",
+                      cmd_report, keys=("vm",))
+    p.add_argument("--fm-before", metavar="RUN1",
+                   help="run folder of the previous FM generation (FM1, a feature subset of this run's "
+                        "FM2) on the same data: adds the transfer ratio dNE_VM / dNE_FM")
     _stage_parser(sub, "run", "run the whole pipeline on one config",
                   "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
                   "for the same config; a killed run picks up where it stopped.", cmd_run)
@@ -247,7 +250,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from loopfm import report
     from loopfm.pipeline import run_report
 
-    results = run_report(_load(args), Path(args.out))
+    results = run_report(_load(args), Path(args.out), fm_before=Path(args.fm_before) if args.fm_before else None)
     print(report.results_table(results))
     print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
     return 0

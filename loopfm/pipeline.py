@@ -148,8 +148,14 @@ def run_train_vm(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progr
         logger.close()
 
 
-def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | None = None) -> dict:
-    """results.json, report.md with plots, TensorBoard test scalars, from the stage outputs."""
+def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | None = None,
+               fm_before: Path | None = None) -> dict:
+    """results.json, report.md with plots, TensorBoard test scalars, from the stage outputs.
+
+    ``fm_before``: the run folder of the previous FM generation on the same data (FM1, whose
+    features are a subset of this run's FM2). The report then adds the paper's transfer ratio
+    TR = (NE_VM[FM1] - NE_VM[FM2]) / (NE_FM1 - NE_FM2) per model and variant.
+    """
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -169,7 +175,13 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
     if timings is None:
         path = run_dir / "timings.json"
         timings = json.loads(path.read_text()) if path.is_file() else {}
-    results = report.build_results(read_manifest(run_dir / "data")["dataset"], fm, runs, labels, users, timings)
+    transfer = None
+    if fm_before is not None:
+        before = report.read_results(Path(fm_before) / "results.json")
+        transfer = {"ne_fm_before": before["fm"]["ne"],
+                    "ne_vm_before": {m: {v: x["ne"] for v, x in vs.items()} for m, vs in before["vm"].items()}}
+    results = report.build_results(read_manifest(run_dir / "data")["dataset"], fm, runs, labels, users, timings,
+                                   transfer_ratio=transfer)
     report.write_results(run_dir / "results.json", results)
     report.write_report(run_dir, results)
     report.log_tensorboard(run_dir / "tb", results)

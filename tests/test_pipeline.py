@@ -82,3 +82,21 @@ def test_sequences_show_is_auditable(tiny_run, capsys):
     assert main(["sequences", "show", str(tiny_run), "--example-id", str(eid)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["example_id"] == eid and all(h["ts"] < shown["ts"] for h in shown["history"])
+
+
+def test_transfer_ratio_against_a_previous_fm_generation(tiny_run, tmp_path, capsys):
+    """TR = dNE_VM / dNE_FM: a fabricated FM1 run whose FM and VMs are worse by 0.1 and 0.05 NE."""
+    now = json.loads((tiny_run / "results.json").read_text())
+    before = json.loads(json.dumps(now))
+    before["fm"]["ne"] += 0.1
+    for variants in before["vm"].values():
+        for m in variants.values():
+            m["ne"] += 0.05
+    (tmp_path / "results.json").write_text(json.dumps(before))
+    assert main(["report", str(REPO / "configs" / "quickstart.yaml"), "--out", str(tiny_run), *TINY,
+                 "vm.variants=[baseline,loopfm]", "vm.seeds=1", "--fm-before", str(tmp_path)]) == 0
+    tr = json.loads((tiny_run / "results.json").read_text())["transfer_ratio"]
+    assert tr["ne_fm_before"] == pytest.approx(now["fm"]["ne"] + 0.1)
+    for model, variants in tr["by_model"].items():
+        for variant, value in variants.items():
+            assert value == pytest.approx(0.5, rel=1e-6), (model, variant)
