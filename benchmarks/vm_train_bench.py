@@ -19,7 +19,7 @@ import torch
 
 from loopfm.config import LoopFMConfig, load_config
 from loopfm.data.eventlog import EventLog
-from loopfm.stages.train_vm import _Inputs
+from loopfm.stages.train_vm import VMInputs
 from loopfm.vm.kd import kd_for_variant, variant_flags
 from loopfm.vm.model import build_model
 from loopfm.vm.train import train_one_pass
@@ -35,7 +35,7 @@ def main() -> None:
     cfg = load_config(LoopFMConfig, run / "config.yaml")
     torch.set_num_threads(1)
     log = EventLog(run / "data")
-    batches = _Inputs(run, log, cfg.vm, needs_seq=True, needs_kd=True).batches(cfg.vm.train_days)
+    batches = VMInputs(run, log, cfg.vm, needs_seq=True, needs_kd=True).batches(cfg.vm.train_days)
     rows = sum(len(b.labels) for b in batches)
     seq_dim = batches[0].seq_dim
     print(f"\nVM training, one pass over days {cfg.vm.train_days} of {run} ({rows:,} examples, "

@@ -167,6 +167,11 @@ def stage_files(root: str | Path, day: int, manifest: dict | None = None) -> lis
     return out
 
 
+def sum_rows_per_day(manifests: list[dict]) -> dict[str, int]:
+    """``rows_per_day`` of a sharded output: the shards' counts added up (rank 0's days)."""
+    return {d: sum(m["rows_per_day"].get(d, 0) for m in manifests) for d in manifests[0]["rows_per_day"]}
+
+
 def stage_days(manifest: dict) -> list[int]:
     return sorted(int(d) for d in manifest["rows_per_day"])
 

@@ -347,7 +347,7 @@ def _sample_report(ref: np.ndarray, chosen: QuantSpec, cfg: CompressConfig) -> d
 
 def _merge(manifests: list[dict]) -> dict:
     top = dict(manifests[0])
-    top["rows_per_day"] = {d: sum(m["rows_per_day"][d] for m in manifests) for d in top["rows_per_day"]}
+    top["rows_per_day"] = cf.sum_rows_per_day(manifests)
     top["rows"] = sum(m["rows"] for m in manifests)
     top["parquet_bytes"] = sum(m["parquet_bytes"] for m in manifests)
     top["parquet_bytes_per_event"] = top["parquet_bytes"] / max(top["rows"], 1)

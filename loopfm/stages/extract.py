@@ -133,7 +133,4 @@ def _write_day(root: Path, day: int, parts: list[tuple[dict, np.ndarray]]) -> No
 
 
 def _merge(manifests: list[dict]) -> dict:
-    facts = dict(manifests[0])
-    facts["rows_per_day"] = {d: sum(m["rows_per_day"].get(d, 0) for m in manifests)
-                             for d in manifests[0]["rows_per_day"]}
-    return facts
+    return dict(manifests[0], rows_per_day=cf.sum_rows_per_day(manifests))

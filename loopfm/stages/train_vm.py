@@ -79,7 +79,7 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
         dataclasses.replace(cfg.model, model=m)
     needs_seq = any(v in ("loopfm", "kd+loopfm") for v in cfg.variants)
     needs_kd = any(v in ("kd", "kd+loopfm") for v in cfg.variants)
-    inputs = _Inputs(run_dir, log, cfg, needs_seq, needs_kd)
+    inputs = VMInputs(run_dir, log, cfg, needs_seq, needs_kd)
     train = inputs.batches(cfg.train_days)
     test = inputs.batches([cfg.test_day])
     labels = np.concatenate([b.labels.numpy() for b in test])
@@ -114,7 +114,7 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
                               quantizer=inputs.quantizer)
 
 
-class _Inputs:
+class VMInputs:
     """Builds VMBatches with soft labels and LoopFM sequences attached, by example id."""
 
     def __init__(self, run_dir: Path, log, cfg: VMStageConfig, needs_seq: bool, needs_kd: bool) -> None:

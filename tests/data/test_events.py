@@ -17,14 +17,12 @@ from loopfm.data.errors import DataError
 from loopfm.data.eventlog import EventLog
 from loopfm.data.prepare import prepare
 from loopfm.data.sources.events import EventsConfig, EventsSource
+from tests.conftest import SHARED_DATA
 
 
-def shared_data() -> Path:
-    """The project's sibling ``../shared/data`` folder of real data files."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-SAMPLES = shared_data() / "format-samples"
+SAMPLES = SHARED_DATA / "format-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"format samples not found at {SAMPLES}")
 
 TZ = "Europe/Berlin"

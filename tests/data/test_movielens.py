@@ -12,14 +12,12 @@ from loopfm.data.errors import DataError
 from loopfm.data.eventlog import EventLog
 from loopfm.data.prepare import prepare
 from loopfm.data.sources.movielens import GENRES, MovieLensConfig, MovieLensSource
+from tests.conftest import SHARED_DATA
 
 
-def shared_data() -> Path:
-    """The project's sibling ``../shared/data`` folder of real data files."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-ML = shared_data() / "movielens-100k"
+ML = SHARED_DATA / "movielens-100k"
 pytestmark = pytest.mark.skipif(not (ML / "ml-100k.inter").is_file(),
                                 reason=f"MovieLens-100K copy not found at {ML}")
 

@@ -13,6 +13,7 @@ from loopfm.data.errors import DataError
 from loopfm.data.eventlog import EventLog
 from loopfm.data.prepare import prepare
 from loopfm.data.sources.taobao_raw import TaobaoRawConfig, TaobaoRawSource
+from tests.conftest import SHARED_DATA
 
 PROFILE = ["cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
            "shopping_level", "occupation", "new_user_class_level"]
@@ -20,14 +21,11 @@ AD = ["cate_id", "campaign_id", "customer", "brand", "price"]
 DAY1 = 1_494_000_000  # 2017-05-06 00:00:00 in Asia/Shanghai (2017-05-05 16:00:00 UTC)
 
 
-def shared_data() -> Path:
-    """The real data, kept beside the repository (../shared/data), never inside it."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture
 def sample() -> Path:
-    path = shared_data() / "taobao-samples" / "taobao_raw_joined_100.csv"
+    path = SHARED_DATA / "taobao-samples" / "taobao_raw_joined_100.csv"
     if not path.is_file():
         pytest.skip(f"real TaobaoAd sample {path} is absent (../shared/data is not in git)")
     return path

@@ -11,6 +11,7 @@ from loopfm.data.errors import DataError
 from loopfm.data.eventlog import EventLog
 from loopfm.data.prepare import prepare
 from loopfm.data.sources.taobao_x1 import TaobaoX1Config, TaobaoX1Source
+from tests.conftest import SHARED_DATA
 
 USER = ["userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
         "shopping_level", "occupation", "new_user_class_level"]
@@ -18,14 +19,11 @@ AD = ["adgroup_id", "cate_id", "campaign_id", "customer", "brand", "price", "pid
 START = 1_494_000_000
 
 
-def shared_data() -> Path:
-    """The real data, kept beside the repository (../shared/data), never inside it."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture
 def dmr() -> Path:
-    path = shared_data() / "taobao-samples" / "alimama_dmr_267col_500.txt"
+    path = SHARED_DATA / "taobao-samples" / "alimama_dmr_267col_500.txt"
     if not path.is_file():
         pytest.skip(f"real DMR sample {path} is absent (../shared/data is not in git)")
     return path
