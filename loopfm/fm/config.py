@@ -136,10 +136,18 @@ class TrainConfig:
     log_every_steps: int = field(default=50, metadata={"help": "training scalars every N steps"})
     max_steps: int = field(default=0, metadata={
         "help": "stop (without finishing) after this many steps in total, as if killed; 0 = no limit"})
+    refresh_days: list[int] = field(default_factory=list, metadata={
+        "help": "after training and evaluation, go on training one streaming pass per day over these "
+                "days (the FM's daily incremental update) and keep the FM as of each day's end in "
+                "RUN/fm/daily/day=K: the 'latest checkpoint of each day' of extract.fm_checkpoint=daily"})
 
     def __post_init__(self) -> None:
         if not self.train_days:
             raise ValueError("fm.train.train_days must not be empty")
+        if self.refresh_days:
+            if sorted(set(self.refresh_days)) != self.refresh_days or self.refresh_days[0] <= max(self.train_days):
+                raise ValueError("fm.train.refresh_days must be increasing and after the last training day "
+                                 f"{max(self.train_days)}, got {self.refresh_days}")
         overlap = set(self.train_days) & set(self.eval_days)
         if overlap:
             raise ValueError(f"fm.train: days {sorted(overlap)} are both trained on and evaluated")

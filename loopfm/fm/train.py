@@ -12,7 +12,9 @@ Folders (``OUT`` is ``RUN_DIR/fm``):
     RUN_DIR/fm/        written atomically at the end (`loopfm.artifacts`): model.pt (unsharded
                        state dict, FM + autoencoder), fm_config.json, schema.json, plan.json,
                        eval.json (per eval day: auc, logloss, ne, rows), metrics.jsonl, tb/,
-                       checkpoints/ (the last one), config.yaml, _SUCCESS
+                       checkpoints/ (the last one), config.yaml, _SUCCESS; with
+                       fm.train.refresh_days also daily/day=K/model.pt (the FM refreshed through
+                       day K) and, in _SUCCESS, eval_fresh (each refreshed FM on the next day)
 """
 from __future__ import annotations
 
@@ -89,9 +91,12 @@ def train_fm(cfg: FMConfig, data_dir: str | Path, out_dir: str | Path, *, seed: 
             logger.log({f"eval/day{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}, step)
         logger.close()
         logger = None
-        full = full_state_dict(dmp, ctx.rank, ctx.device)
+        full = full_state_dict(dmp, ctx.rank, ctx.device)  # the fixed FM, before any refresh
+        fresh = None
+        if cfg.train.refresh_days:  # 8. the daily incremental updates (extract.fm_checkpoint=daily)
+            fresh = refresh_daily(cfg.train, dmp, dense_opt, log, builder, work / "daily", ctx, progress)
         if ctx.rank == 0:
-            _publish(out_dir, work, full, cfg, log, metrics, config_hash, config_yaml, ctx)
+            _publish(out_dir, work, full, cfg, log, metrics, config_hash, config_yaml, ctx, fresh)
         _barrier()
         return metrics
     finally:
@@ -126,7 +131,7 @@ def init_distributed(device: str, threads: int = 0) -> DistContext:
 
 
 def _check_protocol(cfg: TrainConfig, log: EventLog, world_size: int) -> None:
-    missing = [d for d in (*cfg.train_days, *cfg.eval_days) if d not in log.days]
+    missing = [d for d in (*cfg.train_days, *cfg.eval_days, *cfg.refresh_days) if d not in log.days]
     if missing:
         raise FMConfigError(f"fm.train: days {missing} are not in the event log {log.root} (days: {log.days})")
     for name in ("batch_size", "eval_batch_size"):
@@ -205,6 +210,39 @@ def _train_loop(cfg: TrainConfig, dmp, dense_opt, log: EventLog, builder: BatchB
     return True
 
 
+def refresh_daily(cfg: TrainConfig, dmp, dense_opt, log: EventLog, builder: BatchBuilder, folder: Path,
+                  ctx: DistContext, progress: bool) -> dict[str, dict[str, float]]:
+    """Go on training one streaming pass per ``cfg.refresh_days`` day, in order, saving the
+    unsharded FM after each day as ``folder/day=K/model.pt`` (the FM "as of the end of day K").
+
+    Each snapshot is evaluated on the next day when that is an eval day, so the fresh FM's soft
+    labels can be compared with the fixed FM's: returns ``{str(K + 1): metrics}``. Not
+    checkpointed: a killed run resumes from the end of the training days and redoes the refresh
+    (the same numbers, the optimizer and RNG states being restored).
+    """
+    pipeline = TrainPipelineSparseDist(dmp, dense_opt, ctx.device)
+    fresh: dict[str, dict[str, float]] = {}
+    bar = tqdm(total=log.num_rows(cfg.refresh_days), unit=" ex", unit_scale=True, desc="refresh-fm",
+               disable=not progress or ctx.rank != 0)
+    for day in cfg.refresh_days:
+        batches = iter_batches(log, [day], cfg.batch_size, builder)
+        while True:
+            try:
+                pipeline.progress(batches)
+            except StopIteration:
+                break
+            bar.update(cfg.batch_size)
+        pipeline.detach()
+        state = full_state_dict(dmp, ctx.rank, ctx.device)
+        if ctx.rank == 0:
+            (folder / f"day={day}").mkdir(parents=True, exist_ok=True)
+            torch.save(state, folder / f"day={day}" / "model.pt")
+        if day + 1 in cfg.eval_days:  # collective; every rank gets the same numbers
+            fresh[str(day + 1)] = evaluate(dmp, log, [day + 1], cfg.eval_batch_size, builder, ctx)[str(day + 1)]
+    bar.close()
+    return fresh
+
+
 def _log_train(logger: MetricLogger, mean: torch.Tensor, step: int, examples_per_s: float) -> None:
     # Each rank's loss is its share of the global-batch mean: the sum over ranks is the mean.
     total = mean.clone()
@@ -269,10 +307,13 @@ def full_state_dict(dmp, rank: int, device: torch.device) -> dict[str, torch.Ten
 
 
 def _publish(out_dir: Path, work: Path, full: dict, cfg: FMConfig, log: EventLog, metrics: dict,
-             config_hash: str, config_yaml: str | None, ctx: DistContext) -> None:
+             config_hash: str, config_yaml: str | None, ctx: DistContext, fresh: dict | None = None) -> None:
     latest = Checkpointer(work / "checkpoints").latest()
+    extra = {} if fresh is None else {"refresh_days": cfg.train.refresh_days, "eval_fresh": fresh}
     with atomic_output(out_dir) as tmp:
         torch.save(full, tmp / "model.pt")
+        if fresh is not None:
+            shutil.copytree(work / "daily", tmp / "daily", copy_function=_link_or_copy)
         (tmp / "fm_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         log.schema.save(tmp / "schema.json")
         (tmp / "eval.json").write_text(json.dumps(metrics, indent=2))
@@ -287,7 +328,8 @@ def _publish(out_dir: Path, work: Path, full: dict, cfg: FMConfig, log: EventLog
                             copy_function=_link_or_copy)
             (tmp / "checkpoints" / "LATEST").write_text(json.dumps(latest))
         write_manifest(tmp, stage="train-fm", config_hash=config_hash, data=str(log.root),
-                       world_size=ctx.world_size, steps=latest["step"] if latest else 0, eval=metrics)
+                       world_size=ctx.world_size, steps=latest["step"] if latest else 0, eval=metrics,
+                       **extra)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -324,17 +366,25 @@ def fm_config_from_dict(data: dict) -> FMConfig:
                     train=TrainConfig(**data["train"]))
 
 
-def load_trained_fm(run_dir: str | Path) -> tuple[FoundationModel, Schema]:
-    """The final FM of ``RUN_DIR/fm`` on one process (unsharded, CPU, eval mode) and its schema.
+def load_trained_fm(run_dir: str | Path, as_of_day: int | None = None) -> tuple[FoundationModel, Schema]:
+    """The FM of ``RUN_DIR/fm`` on one process (unsharded, CPU, eval mode) and its schema.
 
+    ``as_of_day=None``: the fixed FM (end of the training days). ``as_of_day=K``: the FM
+    refreshed through day K (``fm.train.refresh_days``, saved under ``fm/daily/day=K``).
     Batches for it: ``BatchBuilder(model.layout)`` over `loopfm.fm.batch.global_batches`;
     ``model.forward_with_taps(batch)`` gives logits, probs, every tap and the AE codes ``z``.
     """
     fm = Path(run_dir) / "fm"
-    read_manifest(fm)  # raises if the stage did not finish
+    manifest = read_manifest(fm)  # raises if the stage did not finish
+    weights = fm / "model.pt"
+    if as_of_day is not None:
+        if as_of_day not in manifest.get("refresh_days", []):
+            raise ValueError(f"{fm} has no FM refreshed through day {as_of_day} (its fm.train.refresh_days: "
+                             f"{manifest.get('refresh_days', [])})")
+        weights = fm / "daily" / f"day={as_of_day}" / "model.pt"
     schema = Schema.load(fm / "schema.json")
     cfg = fm_config_from_dict(json.loads((fm / "fm_config.json").read_text()))
     layout = FeatureLayout.build(select_features(schema, cfg.model), cfg.model.sequence_group)
     model = FoundationModel(layout, cfg.model, cfg.autoencoder)
-    model.load_state_dict(torch.load(fm / "model.pt", weights_only=True, map_location="cpu"))
+    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
     return model.eval(), schema

@@ -2,16 +2,27 @@
 
 Per impression it writes the FM's soft label (its predicted probability, used by KD) and the
 code ``z``: the co-trained autoencoder's tanh output for the configured taps (``kind: codes``),
-or the raw tap activations (``kind: raw``, for PCA / random-projection compression downstream).
+the raw tap activations (``kind: raw``, for PCA / random-projection compression downstream), or
+the soft label itself as a 1-d code ``2p - 1 = tanh(logit / 2)`` (``kind: soft_label``, the
+paper's "soft label as a 1-d sequence" ablation of table 5).
 Format: `loopfm.stages.codes_format` (``RUN/extract/codes/day=K/part-*.parquet`` + ``_SUCCESS``).
+
+Which FM scores a day (``fm_checkpoint``): ``fixed`` (default, the paper's best setting) uses the
+FM as of the end of its training days for every day; ``daily`` uses, for day d, the latest FM
+available at the start of d: the one refreshed through day d - 1 (``fm.train.refresh_days``),
+or the fixed FM when d - 1 is its last training day. The paper attributes the small loss of the
+daily setting to embedding drift, so the manifest records it per day: ``drift[day]`` has
+``centroid_shift`` (L2 distance of the day's mean code from the first day's) and, for ``daily``,
+``cosine_to_fixed`` (mean cosine similarity of each example's code with the fixed FM's code of
+the same example).
 
 Under N ranks (torchrun, or N TorchX replicas) each rank scores the users of its key-hash shard
 with a full copy of the FM on one process, and writes its own shard folder; no collectives, so
-`torch.no_grad()` inference needs no process group. The final FM of ``RUN/fm`` is used for
-every day (the paper's "fixed checkpoint", its default and best setting).
+`torch.no_grad()` inference needs no process group.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,9 +42,12 @@ ROWS_PER_PART = 1 << 20
 class ExtractConfig:
     days: list[int] = field(default_factory=lambda: [5, 6, 7, 8], metadata={
         "help": "event-log days to score and log (the VM's training and test days)"})
-    kind: Literal["codes", "raw"] = field(default="codes", metadata={
+    kind: Literal["codes", "raw", "soft_label"] = field(default="codes", metadata={
         "help": "codes: the autoencoder's tanh codes; raw: raw tap activations (compress with PCA "
-                "or random projection)"})
+                "or random projection); soft_label: the FM's probability as a 1-d code 2p-1"})
+    fm_checkpoint: Literal["fixed", "daily"] = field(default="fixed", metadata={
+        "help": "fixed: the FM as of its last training day scores every day; daily: day d is scored "
+                "by the FM refreshed through day d-1 (needs fm.train.refresh_days)"})
     taps: list[str] = field(default_factory=list, metadata={
         "help": "kind=raw: FM taps to concatenate (emb, hidden0, ...); empty = the autoencoder's taps"})
     batch_size: int = field(default=4096, metadata={"help": "examples per inference batch"})
@@ -43,51 +57,63 @@ class ExtractConfig:
             raise ValueError("extract.days must name at least one day")
         if self.batch_size < 1:
             raise ValueError(f"extract.batch_size must be >= 1, got {self.batch_size}")
-        if self.kind == "codes" and self.taps:
+        if self.kind != "raw" and self.taps:
             raise ValueError("extract.taps applies to kind=raw only (codes use the autoencoder's taps)")
 
 
 def run_extract(cfg: ExtractConfig, run_dir: str | Path, out_dir: str | Path, *, rank: int = 0,
                 world_size: int = 1, progress: bool = True, config_hash: str | None = None) -> dict:
-    """Score ``cfg.days`` of ``RUN/data`` with the final FM of ``RUN/fm`` into ``out_dir``."""
+    """Score ``cfg.days`` of ``RUN/data`` with the FM(s) of ``RUN/fm`` into ``out_dir``."""
     from loopfm.data.eventlog import EventLog
     from loopfm.fm.batch import BatchBuilder, global_batches
     from loopfm.fm.train import load_trained_fm
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cf.check_rank(rank, world_size)
-    model, schema = load_trained_fm(run_dir)
+    fixed, schema = load_trained_fm(run_dir)
     fm_manifest = read_manifest(run_dir / "fm")
     log = EventLog(run_dir / "data")
     missing = sorted(set(cfg.days) - set(log.days))
     if missing:
         raise ValueError(f"extract.days {missing} are not in the event log (days {log.days})")
-    taps = _taps(cfg, model)
+    as_of = checkpoint_days(cfg, run_dir / "fm")
+    taps = _taps(cfg, fixed)
     config_hash = config_hash or cf.hash_config(cfg, fm_manifest.get("config_hash", ""))
-    builder = BatchBuilder(model.layout)
+    builder = BatchBuilder(fixed.layout)
     keys = (schema.user_key, schema.item_key)
     columns = sorted(set(builder.columns) | {"example_id", "ts", "day", *keys})
     rows_per_day: dict[str, int] = {}
+    sums: dict[str, dict] = {}
     with cf.shard_output(out_dir, rank, world_size) as tmp:
         bar = tqdm(total=log.num_rows(cfg.days), desc=f"extract[{rank}]", unit=" ex", unit_scale=True,
                    disable=not progress)
         for day in cfg.days:
+            model = fixed if as_of[str(day)] is None else load_trained_fm(run_dir, as_of[str(day)])[0]
             parts: list[tuple[dict, np.ndarray]] = []
+            day_sums = {"code": np.zeros(_dim(fixed, taps, cfg)), "cosine_to_fixed": 0.0}
             for _, table in global_batches(log, [day], cfg.batch_size, columns):
                 bar.update(table.num_rows)
                 if world_size > 1:
                     mine = cf.shard_of(table.column(schema.user_key).to_numpy(), world_size) == rank
                     table = table.filter(pa.array(mine))
                 if table.num_rows:
-                    parts.append(_score(model, builder, table, cfg.kind, taps, keys))
+                    meta, z = _score(model, builder, table, cfg.kind, taps, keys)
+                    parts.append((meta, z))
+                    day_sums["code"] += z.sum(0, dtype=np.float64)
+                    if model is not fixed:
+                        day_sums["cosine_to_fixed"] += _cosine_sum(z, _score(fixed, builder, table, cfg.kind,
+                                                                             taps, keys)[1])
             if parts:
                 _write_day(tmp, day, parts)
             rows_per_day[str(day)] = sum(len(m["example_id"]) for m, _ in parts)
+            sums[str(day)] = {"code": day_sums["code"].tolist(), "cosine_to_fixed": day_sums["cosine_to_fixed"]}
         bar.close()
         manifest = write_manifest(
-            tmp, stage="extract", config_hash=config_hash, dim=_dim(model, taps, cfg),
+            tmp, stage="extract", config_hash=config_hash, dim=_dim(fixed, taps, cfg),
             kind=cfg.kind, taps=taps, rows_per_day=rows_per_day, user_key=schema.user_key,
             item_key=schema.item_key, rank=rank, world_size=world_size, fm=str(run_dir / "fm"),
+            fm_checkpoint=cfg.fm_checkpoint, fm_as_of_day=as_of, drift_sums=sums,
+            drift=_drift(sums, rows_per_day, cfg.fm_checkpoint),
             key_vocab_size={"user_key": schema.feature(schema.user_key).vocab_size,
                             "item_key": schema.feature(schema.item_key).vocab_size})
     if world_size > 1:
@@ -95,7 +121,28 @@ def run_extract(cfg: ExtractConfig, run_dir: str | Path, out_dir: str | Path, *,
     return manifest
 
 
+def checkpoint_days(cfg: ExtractConfig, fm_dir: Path) -> dict[str, int | None]:
+    """Per extract day, the day through which its FM was trained: None = the fixed FM; K = the
+    FM refreshed through day K (``RUN/fm/daily/day=K``), the latest one available at day d."""
+    if cfg.fm_checkpoint == "fixed":
+        return {str(d): None for d in cfg.days}
+    refreshed = read_manifest(fm_dir).get("refresh_days", [])
+    last_train = max(json.loads((fm_dir / "fm_config.json").read_text())["train"]["train_days"])
+    out: dict[str, int | None] = {}
+    for d in cfg.days:
+        if d - 1 <= last_train:
+            out[str(d)] = None  # the fixed FM is the latest one at the start of day d
+        elif d - 1 in refreshed:
+            out[str(d)] = d - 1
+        else:
+            raise ValueError(f"extract.fm_checkpoint=daily: day {d} needs the FM refreshed through day {d - 1}; "
+                             f"add it to fm.train.refresh_days (now {refreshed})")
+    return out
+
+
 def _taps(cfg: ExtractConfig, model) -> list[str]:
+    if cfg.kind == "soft_label":
+        return []
     if cfg.kind == "codes":
         if model.autoencoder is None:
             raise ValueError("extract.kind=codes needs an FM trained with fm.autoencoder.enabled=true; "
@@ -109,6 +156,8 @@ def _taps(cfg: ExtractConfig, model) -> list[str]:
 
 
 def _dim(model, taps: list[str], cfg: ExtractConfig) -> int:
+    if cfg.kind == "soft_label":
+        return 1
     return model.autoencoder.dim if cfg.kind == "codes" else sum(model.tap_dims[t] for t in taps)
 
 
@@ -116,7 +165,10 @@ def _dim(model, taps: list[str], cfg: ExtractConfig) -> int:
 def _score(model, builder, table: pa.Table, kind: str, taps: list[str],
            keys: tuple[str, str]) -> tuple[dict, np.ndarray]:
     out = model.forward_with_taps(builder(table, table.num_rows))
-    z = out["z"] if kind == "codes" else torch.cat([out[t] for t in taps], dim=1)
+    if kind == "soft_label":
+        z = 2.0 * out["probs"].float()[:, None] - 1.0  # = tanh(logit / 2), in [-1, 1] like the codes
+    else:
+        z = out["z"] if kind == "codes" else torch.cat([out[t] for t in taps], dim=1)
     meta = {c: table.column(c).to_numpy() for c in ("example_id", "ts", "day", "label")}
     meta["user_key"] = table.column(keys[0]).to_numpy()
     meta["item_key"] = table.column(keys[1]).to_numpy()
@@ -132,5 +184,33 @@ def _write_day(root: Path, day: int, parts: list[tuple[dict, np.ndarray]]) -> No
                        z[s:s + ROWS_PER_PART])
 
 
+def _cosine_sum(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum over rows of cos(a_i, b_i) (0 for a zero row)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.sum(np.where(norms > 0, (a * b).sum(1) / np.maximum(norms, 1e-30), 0.0)))
+
+
+def _drift(sums: dict[str, dict], rows: dict[str, int], fm_checkpoint: str) -> dict[str, dict]:
+    """Per day: the L2 distance of the mean code from the first day's, and (daily FM) the mean
+    cosine similarity to the fixed FM's code of the same examples."""
+    days = [d for d in sums if rows.get(d)]
+    if not days:
+        return {}
+    centroid = {d: np.asarray(sums[d]["code"]) / rows[d] for d in days}
+    out = {}
+    for d in days:
+        entry = {"centroid_shift": float(np.linalg.norm(centroid[d] - centroid[days[0]]))}
+        if fm_checkpoint == "daily":
+            entry["cosine_to_fixed"] = sums[d]["cosine_to_fixed"] / rows[d]
+        out[d] = entry
+    return out
+
+
 def _merge(manifests: list[dict]) -> dict:
-    return dict(manifests[0], rows_per_day=cf.sum_rows_per_day(manifests))
+    rows = cf.sum_rows_per_day(manifests)
+    sums = {d: {"code": np.sum([m["drift_sums"][d]["code"] for m in manifests], axis=0).tolist(),
+                "cosine_to_fixed": sum(m["drift_sums"][d]["cosine_to_fixed"] for m in manifests)}
+            for d in manifests[0]["drift_sums"]}
+    return dict(manifests[0], rows_per_day=rows, drift_sums=sums,
+                drift=_drift(sums, rows, manifests[0]["fm_checkpoint"]))
