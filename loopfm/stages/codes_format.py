@@ -57,7 +57,7 @@ META_TYPES = {
 }
 Z_COLUMN = "z"        # extract: fixed_size_list<float16>[D]
 CODE_COLUMN = "code"  # compress: fixed_size_binary[code_bytes]
-KINDS = ("codes", "raw")
+KINDS = ("codes", "raw", "soft_label")
 
 
 def extract_schema(dim: int) -> pa.Schema:
@@ -276,11 +276,14 @@ def fabricate_extract(event_log: str | Path, out: str | Path, *, dim: int = 16, 
 
     ``kind="codes"``: tanh(N(0, 1.5²)) codes, bunched near ±1 like a trained tanh encoder's.
     ``kind="raw"``: unbounded activations with a decaying spectrum (for the PCA path).
+    ``kind="soft_label"``: the 1-d code 2p - 1 of the random soft labels (``dim`` must be 1).
     """
     from loopfm.data.eventlog import EventLog
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "soft_label" and dim != 1:
+        raise ValueError(f"kind='soft_label' codes are 1-d, got dim={dim}")
     log = EventLog(event_log)
     days = list(days) if days is not None else log.days
     rng = np.random.default_rng(seed)
@@ -296,6 +299,8 @@ def fabricate_extract(event_log: str | Path, out: str | Path, *, dim: int = 16, 
             meta["soft_label"] = rng.random(n, dtype=np.float32)
             g = rng.normal(size=(n, dim))
             z = np.tanh(1.5 * g) if kind == "codes" else 3.0 * (g @ mix) + 0.5
+            if kind == "soft_label":
+                z = 2.0 * meta["soft_label"][:, None] - 1.0
             for part, s in enumerate(range(0, max(n, 1), rows_per_part)):
                 write_codes(tmp, day, part, {k: v[s:s + rows_per_part] for k, v in meta.items()},
                             z[s:s + rows_per_part])

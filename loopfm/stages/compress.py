@@ -77,9 +77,9 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"compress.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
-        if self.dim < 0 or self.dim % 2:
-            raise ValueError("compress.dim must be 0 or a positive even number (INT4 packs 2 per byte), "
-                             f"got {self.dim}")
+        if self.dim < 0 or (self.dim % 2 and self.quantizer.startswith("int4")):
+            raise ValueError("compress.dim must be 0 or positive, and even for INT4 (2 codes per byte), "
+                             f"got {self.dim} with {self.quantizer}")
         if self.kmeans_iters < 1:
             raise ValueError(f"compress.kmeans_iters must be >= 1, got {self.kmeans_iters}")
         if not 0.5 <= self.scale_quantile <= 1.0:
@@ -286,6 +286,9 @@ def _resolve(cfg: CompressConfig, src: dict) -> tuple[int, str, list[int]]:
     if projection in ("none", "pca") and dim > source_dim:
         raise ValueError(f"compress.dim={dim} is larger than the extract dim {source_dim}"
                          + (" (PCA cannot add dims)" if projection == "pca" else ""))
+    if dim % 2 and cfg.quantizer.startswith("int4"):
+        raise ValueError(f"the extract codes are {dim}-d (odd); INT4 packs two codes per byte: use "
+                         "compress.quantizer fp16 or int8 (e.g. for extract.kind=soft_label)")
     fit_days = list(cfg.fit_days) or (days[:-1] if len(days) > 1 else days)
     missing = sorted(set(fit_days) - set(days))
     if missing:
@@ -335,6 +338,8 @@ def _fit_sample(root: Path, src: dict, fit_days: list[int], rows: int, seed: int
 def _sample_report(ref: np.ndarray, chosen: QuantSpec, cfg: CompressConfig) -> dict:
     report = {}
     for q in QUANTIZERS:
+        if q.startswith("int4") and chosen.dim % 2:
+            continue  # odd dims (a 1-d soft-label code) cannot be INT4-packed
         if q == chosen.quantizer:
             spec = chosen
         elif q == "int4-kmeans":
