@@ -81,17 +81,19 @@ __all__ = [
     "read_results",
     "results_table",
     "write_report",
+    "plot_sweep",
     "log_tensorboard",
     "make_report",
 ]
 
 #: Main variants in the paper's row order (Table 1), with their row labels.
-VARIANT_ORDER: Tuple[str, ...] = ("baseline", "kd", "loopfm", "kd+loopfm")
+VARIANT_ORDER: Tuple[str, ...] = ("baseline", "kd", "loopfm", "kd+loopfm", "kd+current")
 VARIANT_LABELS: Dict[str, str] = {
     "baseline": "w/o distill",
     "kd": "KD",
     "loopfm": "LoopFM-only",
     "kd+loopfm": "KD + LoopFM",
+    "kd+current": "KD + current-sample FM emb",  # table 2: needs the FM at serving time
 }
 #: (a, b) pairs compared for every model where both exist; key = f"{a}_vs_{b}".
 COMPARISONS: Tuple[Tuple[str, str], ...] = (
@@ -99,6 +101,8 @@ COMPARISONS: Tuple[Tuple[str, str], ...] = (
     ("kd+loopfm", "baseline"),
     ("loopfm", "baseline"),
     ("kd", "baseline"),
+    ("kd+current", "kd"),
+    ("kd+loopfm", "kd+current"),
 )
 _METRIC_KEYS = ("auc", "logloss", "ne", "gauc")
 
@@ -742,7 +746,9 @@ def _sweep_lines(values: Mapping[Any, Any]) -> Dict[str, List[Tuple[float, float
     return {"AUC": points(values)}
 
 
-def _plot_sweep(param: str, values: Mapping[Any, Any], path: Path) -> Optional[Path]:
+def plot_sweep(param: str, values: Mapping[Any, Any], path: Path) -> Optional[Path]:
+    """A line plot of AUC vs ``param`` (``values`` as in `write_report`'s ``sweeps``); None when
+    nothing is numeric. ``param == "L"`` is labelled as the LoopFM sequence length."""
     lines = {k: v for k, v in _sweep_lines(values).items() if v}
     if not lines:
         return None
@@ -799,7 +805,7 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
         parts += ["## Plots", "", "![AUC by variant](auc_by_variant.png)", ""]
     for param, values in (sweeps or {}).items():
         fname = f"auc_vs_{_safe_name(param)}.png"
-        if _plot_sweep(str(param), values, out / fname):
+        if plot_sweep(str(param), values, out / fname):
             title = "AUC vs sequence length" if param == "L" else f"AUC vs {param}"
             parts += [f"### {title}", "", f"| {param} | " + " | ".join(
                 _sweep_lines(values).keys()) + " |"]

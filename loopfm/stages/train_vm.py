@@ -2,8 +2,9 @@
 VM training days (default 5–7), tested on the test day (default 8).
 
 Inputs are the earlier stages' artefacts, joined by example id: the event log (VM-visible
-features only), the extract output (the FM's soft labels, for KD) and the sequences (the LoopFM
-channel, user-keyed, built from strictly earlier events). Batches are built once and shared by
+features only), the extract output (the FM's soft labels, for KD), the sequences (the LoopFM
+channel, user-keyed, built from strictly earlier events) and, for ``kd+current`` only, the
+compress output (the FM's code of the example itself, table 2's real-time-FM comparison). Batches are built once and shared by
 every run, so runs differ only in model, variant and seed.
 
 Output ``RUN/vm/``: ``predictions.parquet`` (example_id, label, user_id, one float column per run
@@ -24,11 +25,9 @@ import torch
 from tqdm import tqdm
 
 from loopfm.artifacts import atomic_output, read_manifest, write_manifest
-from loopfm.vm.kd import KDConfig
+from loopfm.vm.kd import TABLE1_VARIANTS, VARIANTS, KDConfig, uses_current_code, variant_flags
 from loopfm.vm.model import VMModelConfig
 from loopfm.vm.train import VMTrainConfig
-
-VARIANTS = ("baseline", "kd", "loopfm", "kd+loopfm")
 
 
 @dataclass(kw_only=True)
@@ -36,8 +35,9 @@ class VMStageConfig:
     """Which VMs to train and compare (`loopfm.stages.train_vm`)."""
     models: list[str] = field(default_factory=lambda: ["deepfm", "din", "dmin"], metadata={
         "help": "architectures to train (fm, fmfm, deepfm, din, dien, dmr, dmin)"})
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={
-        "help": "baseline | kd | loopfm | kd+loopfm (table 1 of the paper)"})
+    variants: list[str] = field(default_factory=lambda: list(TABLE1_VARIANTS), metadata={
+        "help": "baseline | kd | loopfm | kd+loopfm (table 1 of the paper) | kd+current (KD and the "
+                "FM's code of the example itself as a feature: table 2, needs a real-time FM)"})
     train_days: list[int] = field(default_factory=lambda: [5, 6, 7], metadata={
         "help": "days of the one streaming pass (no shuffle)"})
     test_day: int = field(default=8, metadata={"help": "day the metrics are reported on"})
@@ -77,9 +77,10 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
     log = EventLog(run_dir / "data")
     for m in cfg.models:  # fail on a typo before any work
         dataclasses.replace(cfg.model, model=m)
-    needs_seq = any(v in ("loopfm", "kd+loopfm") for v in cfg.variants)
-    needs_kd = any(v in ("kd", "kd+loopfm") for v in cfg.variants)
-    inputs = VMInputs(run_dir, log, cfg, needs_seq, needs_kd)
+    needs_seq = any(variant_flags(v)[1] for v in cfg.variants)
+    needs_kd = any(variant_flags(v)[0] for v in cfg.variants)
+    needs_current = any(uses_current_code(v) for v in cfg.variants)
+    inputs = VMInputs(run_dir, log, cfg, needs_seq, needs_kd, needs_current)
     train = inputs.batches(cfg.train_days)
     test = inputs.batches([cfg.test_day])
     labels = np.concatenate([b.labels.numpy() for b in test])
@@ -115,20 +116,26 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
 
 
 class VMInputs:
-    """Builds VMBatches with soft labels and LoopFM sequences attached, by example id."""
+    """Builds VMBatches with soft labels, LoopFM sequences and (table 2) each example's own
+    FM code attached, by example id."""
 
-    def __init__(self, run_dir: Path, log, cfg: VMStageConfig, needs_seq: bool, needs_kd: bool) -> None:
+    def __init__(self, run_dir: Path, log, cfg: VMStageConfig, needs_seq: bool, needs_kd: bool,
+                 needs_current: bool = False) -> None:
+        from loopfm.stages.compress import load_spec
+
         self.log, self.cfg = log, cfg
         self.soft = _soft_labels(run_dir / "extract", log.num_rows()) if needs_kd else None
-        self.reader = self.spec = None
+        self.reader = self.spec = self.current = None
         self.quantizer = None
+        if needs_seq or needs_current:
+            self.spec = load_spec(run_dir / "compress")
+            self.quantizer = self.spec.quantizer
         if needs_seq:
-            from loopfm.stages.compress import load_spec
             from loopfm.stages.sequences import SequenceReader
 
             self.reader = SequenceReader(run_dir / "sequences", key=cfg.sequence_key)
-            self.spec = load_spec(run_dir / "compress")
-            self.quantizer = self.spec.quantizer
+        if needs_current:
+            self.current = _packed_codes(run_dir / "compress", log.num_rows(), self.spec.code_bytes)
 
     def batches(self, days: list[int]) -> list:
         from loopfm.vm.batch import attach_sequence, iter_vm_batches
@@ -143,6 +150,13 @@ class VMInputs:
                     raise ValueError(f"no soft label for {int(np.isnan(soft).sum())} examples of days {days}: "
                                      "extract.days must cover the VM's training and test days")
                 b = dataclasses.replace(b, soft_labels=torch.from_numpy(soft))
+            if self.current is not None:
+                codes, present = self.current
+                if not present[ids].all():
+                    raise ValueError(f"no FM code for {int((~present[ids]).sum())} examples of days {days}: "
+                                     "extract.days must cover the VM's training and test days")
+                b = dataclasses.replace(b, current_code=torch.from_numpy(
+                    np.ascontiguousarray(self._decode(codes[ids][:, None])[:, 0], dtype=np.float32)))
             if self.reader is not None:
                 seq = self.reader.gather(ids, layout="padded")
                 b = attach_sequence(b, seq.codes, seq.lengths, seq.deltas, quantizer=self.spec.quantizer,
@@ -158,6 +172,20 @@ class VMInputs:
         b, length, nbytes = codes.shape
         flat = decode(codes.reshape(b * length, nbytes), self.spec)
         return flat.reshape(b, length, -1)
+
+
+def _packed_codes(compress_dir: Path, num_examples: int, code_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every example's packed code (uint8 [num_examples, code_bytes]) and whether it has one."""
+    from loopfm.stages.codes_format import CODE_COLUMN, bytes_from_arrow, read_codes
+
+    read_manifest(compress_dir)
+    t = read_codes(compress_dir, columns=["example_id", CODE_COLUMN])
+    codes = np.zeros((num_examples, code_bytes), dtype=np.uint8)
+    present = np.zeros(num_examples, dtype=bool)
+    ids = t.column("example_id").to_numpy()
+    codes[ids] = bytes_from_arrow(t.column(CODE_COLUMN))
+    present[ids] = True
+    return codes, present
 
 
 def _soft_labels(extract_dir: Path, num_examples: int) -> np.ndarray:

@@ -36,7 +36,8 @@ class VMBatch:
     int32 [B]; seq_deltas: float [B, L] seconds from each entry to the example; seq_codebook:
     float [16] for k-means INT4 (None = uniform). raw_seq: long [B, L_raw] item ids with
     raw_seq_lengths int32 [B]. example_ids: long [B], filled by the event-log builder so the caller
-    can gather each example's sequence and soft label.
+    can gather each example's sequence and soft label. current_code: float [B, d], the FM's
+    (dequantized) code of the example itself, for the real-time-FM comparison of table 2.
     """
     sparse: dict[str, Tensor]
     dense: Tensor
@@ -53,6 +54,7 @@ class VMBatch:
     raw_seq: Tensor | None = None
     raw_seq_lengths: Tensor | None = None
     example_ids: Tensor | None = None  # event-log example ids: the key to gather sequences by
+    current_code: Tensor | None = None  # float [B, d]: the FM's code of this very example (table 2)
 
     def __post_init__(self) -> None:
         B = self.labels.shape[0]
@@ -91,6 +93,7 @@ class VMBatch:
             raise ValueError("VMBatch: raw_seq needs raw_seq_lengths")
         check("raw_seq_lengths", self.raw_seq_lengths, 1)
         check("example_ids", self.example_ids, 1)
+        check("current_code", self.current_code, 2)
 
     def __len__(self) -> int:
         return self.labels.shape[0]

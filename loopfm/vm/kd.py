@@ -10,7 +10,9 @@ serving head only, so the auxiliary head's weights never change a served predict
 ``none``: ``BCE(ŷ_V, y)``.
 
 Variants (the paper's four rows): ``baseline`` (no KD, no sequence), ``kd``, ``loopfm``
-(sequence, no KD), ``kd+loopfm``; `variant_flags` maps a name to (KD on, sequence on).
+(sequence, no KD), ``kd+loopfm``; `variant_flags` maps a name to (KD on, sequence on). One more
+for table 2: ``kd+current`` (KD, and the FM's code of the example being scored as one more
+input, which needs the FM at serving time; `uses_current_code`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,11 @@ from torch import Tensor
 
 KDMode = Literal["none", "aux_head", "soft_label"]
 KD_MODES = ("none", "aux_head", "soft_label")
-VARIANTS = ("baseline", "kd", "loopfm", "kd+loopfm")
+TABLE1_VARIANTS = ("baseline", "kd", "loopfm", "kd+loopfm")  # the default comparison
+VARIANTS = (*TABLE1_VARIANTS, "kd+current")
+# name -> (KD on, LoopFM sequence on, the example's own FM code on)
+_FLAGS = {"baseline": (False, False, False), "kd": (True, False, False), "loopfm": (False, True, False),
+          "kd+loopfm": (True, True, False), "kd+current": (True, False, True)}
 
 
 @dataclass(kw_only=True)
@@ -52,11 +58,15 @@ class KDConfig:
 
 def variant_flags(variant: str) -> tuple[bool, bool]:
     """``variant`` → (KD on, LoopFM sequence on)."""
-    flags = {"baseline": (False, False), "kd": (True, False), "loopfm": (False, True),
-             "kd+loopfm": (True, True)}
-    if variant not in flags:
+    if variant not in _FLAGS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return flags[variant]
+    return _FLAGS[variant][:2]
+
+
+def uses_current_code(variant: str) -> bool:
+    """Whether ``variant`` feeds the FM's code of the example itself (real-time FM, table 2)."""
+    variant_flags(variant)  # a clear error for an unknown name
+    return _FLAGS[variant][2]
 
 
 def kd_for_variant(variant: str, kd: KDConfig) -> KDConfig:

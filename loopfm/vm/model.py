@@ -6,6 +6,8 @@ fields [B, F, D], optionally appends
 * the LoopFM sequence pooled by a `SequenceEncoder` and projected to D (one more field), and
 * the model's own reading of a raw-id behaviour sequence (``VMBatch.raw_seq``, item ids embedded
   with the VM's item table) — the "raw user seq" of table 4 of the paper,
+* the FM's code of the example itself projected to D (``VMBatch.current_code``, one more field):
+  the "current-sample embedding" of table 2, which needs the FM at serving time,
 
 and reduces them to a trunk vector h [B, T] (`trunk`, one per model). A serving head
 ``Linear(T, 1)`` gives the served logit; with ``kd.mode == "aux_head"`` an auxiliary head reads
@@ -78,7 +80,7 @@ class VerticalModel(nn.Module):
     num_raw_dense = 0  # scalars it adds beside them (DMR's relevance scores)
 
     def __init__(self, cfg: VMModelConfig, schema: Schema, *, seq_dim: int | None = None,
-                 kd: KDConfig | None = None) -> None:
+                 kd: KDConfig | None = None, current_dim: int | None = None) -> None:
         super().__init__()
         self.cfg, self.kd = cfg, kd or KDConfig(mode="none")
         D = cfg.embedding_dim
@@ -96,12 +98,14 @@ class VerticalModel(nn.Module):
             self.encoder = SequenceEncoder(cfg.encoder, seq_dim, self.query_dim, heads=cfg.heads,
                                            attention_hidden=tuple(cfg.attention_mlp), backend=cfg.kernel_backend)
             self.seq_proj = nn.Linear(self.encoder.out_dim, D)
+        self.current_proj = nn.Linear(current_dim, D) if current_dim is not None else None
 
     # -- fields -----------------------------------------------------------------------------------
     @property
     def num_fields(self) -> int:
-        """Fields the interaction layers see: features + LoopFM field + raw-sequence fields."""
-        return (self.embedding.num_fields + (self.encoder is not None)
+        """Fields the interaction layers see: features + LoopFM field + current-code field +
+        raw-sequence fields."""
+        return (self.embedding.num_fields + (self.encoder is not None) + (self.current_proj is not None)
                 + (self.num_raw_fields if self.cfg.raw_seq else 0))
 
     def target(self, emb: Tensor) -> Tensor:
@@ -134,6 +138,10 @@ class VerticalModel(nn.Module):
         dense = emb.new_zeros(emb.shape[0], 0)
         if self.encoder is not None:
             extra.append(self.seq_proj(self.encoder(batch, self.query(emb))))
+        if self.current_proj is not None:
+            if batch.current_code is None:
+                raise ValueError("this model was built with the FM's current code; the batch carries none")
+            extra.append(self.current_proj(batch.current_code.float()))
         if self.cfg.raw_seq:
             raw, raw_dense = self.raw_fields(batch, emb)
             extra.extend(raw)
@@ -190,7 +198,8 @@ class VerticalModel(nn.Module):
 
 
 def build_model(cfg: VMModelConfig, schema: Schema, *, seq_dim: int | None = None,
-                kd: KDConfig | None = None) -> VerticalModel:
-    """The configured VM; ``seq_dim`` = LoopFM code width d (None: no sequence, e.g. baseline)."""
+                kd: KDConfig | None = None, current_dim: int | None = None) -> VerticalModel:
+    """The configured VM; ``seq_dim`` = LoopFM code width d (None: no sequence, e.g. baseline);
+    ``current_dim`` = width of the example's own FM code (None: not an input)."""
     from loopfm.vm.models import MODEL_CLASSES
-    return MODEL_CLASSES[cfg.model](cfg, schema, seq_dim=seq_dim, kd=kd)
+    return MODEL_CLASSES[cfg.model](cfg, schema, seq_dim=seq_dim, kd=kd, current_dim=current_dim)

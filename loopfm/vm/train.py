@@ -17,7 +17,7 @@ import torch
 from loopfm.data.schema import Schema
 from loopfm.metrics import binary_metrics
 from loopfm.vm.batch import VMBatch
-from loopfm.vm.kd import KDConfig, kd_loss, kd_for_variant, variant_flags
+from loopfm.vm.kd import KDConfig, kd_loss, kd_for_variant, uses_current_code, variant_flags
 from loopfm.vm.model import VerticalModel, VMModelConfig, build_model
 
 
@@ -101,7 +101,7 @@ def predict(model: VerticalModel, batches: Iterable[VMBatch], device: str = "cpu
 def run_vm(model_cfg: VMModelConfig, train_cfg: VMTrainConfig, kd: KDConfig, schema: Schema,
            train_batches: Iterable[VMBatch], eval_batches: Iterable[VMBatch], *,
            variant: str = "baseline", logger: Logger | None = None, prefix: str = "") -> VMResult:
-    """Build the VM for ``variant`` (baseline | kd | loopfm | kd+loopfm), train it one pass over
+    """Build the VM for ``variant`` (baseline | kd | loopfm | kd+loopfm | kd+current), train it one pass over
     ``train_batches`` and evaluate it on ``eval_batches``.
 
     The LoopFM code width is read from the first training batch (which must carry a sequence
@@ -116,8 +116,12 @@ def run_vm(model_cfg: VMModelConfig, train_cfg: VMTrainConfig, kd: KDConfig, sch
         raise ValueError("no training batches")
     if use_seq and not first.has_sequence:
         raise ValueError(f"variant {variant!r} needs LoopFM sequences in the batches")
+    current = uses_current_code(variant)
+    if current and first.current_code is None:
+        raise ValueError(f"variant {variant!r} needs the FM's code of each example in the batches")
     torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg, schema, seq_dim=first.seq_dim if use_seq else None, kd=kd).to(train_cfg.device)
+    model = build_model(model_cfg, schema, seq_dim=first.seq_dim if use_seq else None, kd=kd,
+                        current_dim=first.current_code.shape[1] if current else None).to(train_cfg.device)
     steps, loss = train_one_pass(model, itertools.chain([first], it), train_cfg, kd, logger, prefix + "train/")
     preds, labels, users = predict(model, eval_batches, train_cfg.device)
     metrics = binary_metrics(labels, preds, groups=users)

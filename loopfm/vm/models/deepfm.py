@@ -15,8 +15,8 @@ from loopfm.vm.model import VerticalModel
 
 
 class DeepFM(VerticalModel):
-    def __init__(self, cfg, schema, *, seq_dim=None, kd=None) -> None:
-        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd)
+    def __init__(self, cfg, schema, *, seq_dim=None, kd=None, current_dim=None) -> None:
+        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd, current_dim=current_dim)
         D = cfg.embedding_dim
         self.first_order = FeatureEmbedding(schema.vm_features(), 1)
         self.dnn = MLP(self.num_fields * D + self.num_dense, cfg.dnn, cfg.dropout)

@@ -18,8 +18,8 @@ from loopfm.vm.model import VerticalModel
 
 
 class DIEN(VerticalModel):
-    def __init__(self, cfg, schema, *, seq_dim=None, kd=None) -> None:
-        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd)
+    def __init__(self, cfg, schema, *, seq_dim=None, kd=None, current_dim=None) -> None:
+        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd, current_dim=current_dim)
         D = cfg.embedding_dim
         if cfg.raw_seq:
             self.behaviour = InterestEvolution(D, D, D)

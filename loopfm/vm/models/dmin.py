@@ -25,8 +25,8 @@ class DMIN(VerticalModel):
     def num_raw_fields(self) -> int:  # one field per interest
         return self.cfg.heads
 
-    def __init__(self, cfg, schema, *, seq_dim=None, kd=None) -> None:
-        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd)
+    def __init__(self, cfg, schema, *, seq_dim=None, kd=None, current_dim=None) -> None:
+        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd, current_dim=current_dim)
         D = cfg.embedding_dim
         if cfg.raw_seq:
             self.behaviour = MultiHeadTargetAttention(D, D, cfg.heads, cfg.max_position)

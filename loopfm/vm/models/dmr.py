@@ -22,8 +22,8 @@ class DMR(VerticalModel):
     num_raw_fields = 2
     num_raw_dense = 2
 
-    def __init__(self, cfg, schema, *, seq_dim=None, kd=None) -> None:
-        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd)
+    def __init__(self, cfg, schema, *, seq_dim=None, kd=None, current_dim=None) -> None:
+        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd, current_dim=current_dim)
         D = cfg.embedding_dim
         if cfg.raw_seq:
             self.behaviour = DMRRelevance(D, cfg.max_position)

@@ -16,8 +16,8 @@ from loopfm.vm.model import VerticalModel
 
 
 class FM(VerticalModel):
-    def __init__(self, cfg, schema, *, seq_dim=None, kd=None) -> None:
-        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd)
+    def __init__(self, cfg, schema, *, seq_dim=None, kd=None, current_dim=None) -> None:
+        super().__init__(cfg, schema, seq_dim=seq_dim, kd=kd, current_dim=current_dim)
         self.first_order = FeatureEmbedding(schema.vm_features(), 1)
         self.build_heads(cfg.embedding_dim + 1, fm_dims=cfg.embedding_dim + 1)
 
