@@ -193,6 +193,7 @@ from loopfm.stages.compress import CompressConfig  # noqa: E402
 from loopfm.stages.extract import ExtractConfig  # noqa: E402
 from loopfm.stages.sequences import SequencesConfig  # noqa: E402
 from loopfm.stages.train_vm import VMStageConfig  # noqa: E402
+from loopfm.stages.tune_kd import KDSearchConfig  # noqa: E402
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -205,3 +206,4 @@ class LoopFMConfig:
     compress: CompressConfig = dataclasses.field(default_factory=CompressConfig)
     sequences: SequencesConfig = dataclasses.field(default_factory=SequencesConfig)
     vm: VMStageConfig = dataclasses.field(default_factory=VMStageConfig)
+    tune_kd: KDSearchConfig = dataclasses.field(default_factory=KDSearchConfig)
