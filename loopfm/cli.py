@@ -115,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fm-before", metavar="RUN1",
                    help="run folder of the previous FM generation (FM1, a feature subset of this run's "
                         "FM2) on the same data: adds the transfer ratio dNE_VM / dNE_FM")
+    _stage_parser(sub, "tune-kd", "choose vm.kd alpha/gamma/beta on a validation day (not the test day)",
+                  "Train the KD variant one pass on tune_kd.train_days for every point of the tune_kd "
+                  "grid (and its no-KD reference), rank them on tune_kd.valid_day; never reads the rows of "
+                  "vm.test_day. Reads RUN/data, RUN/extract (+ compress, sequences for kd+loopfm); "
+                  "writes RUN/tune_kd.", cmd_tune_kd, keys=("vm", "tune_kd"))
+    p = _stage_parser(sub, "sweep", "run the pipeline once per value of one config key; AUC vs the value",
+                      "Run every stage into OUT/<key>=<value>/ for each --param value, in order; stages "
+                      "whose config equals an earlier value's are linked to it, not rerun. Writes "
+                      "OUT/sweep.json, OUT/report.md, OUT/auc_vs_<key>.png (auc_vs_L.png for "
+                      "sequences.max_len), OUT/tb/. --force recomputes each distinct stage once.", cmd_sweep,
+                      out_help="sweep folder: one run folder per value, plus the sweep's report")
+    p.add_argument("--param", required=True, metavar="KEY=V1,V2,...",
+                   help="the config key and its values, e.g. sequences.max_len=10,25,50,100")
     _stage_parser(sub, "run", "run the whole pipeline on one config",
                   "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
                   "for the same config; a killed run picks up where it stopped.", cmd_run)
@@ -253,6 +266,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     results = run_report(_load(args), Path(args.out), fm_before=Path(args.fm_before) if args.fm_before else None)
     print(report.results_table(results))
     print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_tune_kd(args: argparse.Namespace) -> int:
+    from loopfm.stages.tune_kd import results_table, run_tune_kd
+
+    start = time.perf_counter()
+    results = run_tune_kd(_load(args), Path(args.out), progress=not args.quiet, force=args.force)
+    _done("tune-kd", not results.get("up_to_date"), start)
+    print(results_table(results))
+    best = results["best"]
+    print(f"\nbest on day {results['valid_day']}: {best['overrides']}  (put these in the "
+          f"config; the test day {results['test_day_unused']} was not used)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from loopfm.sweep import parse_param, run_sweep, sweep_table
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # no config file, only overrides (as `_load`)
+    key, values = parse_param(args.param)
+    out = Path(args.out)
+    summary = run_sweep(config, overrides, out, key, values, force=args.force, progress=not args.quiet)
+    print()
+    print(sweep_table(summary))
+    print(f"\nsweep: {out / 'sweep.json'}   report: {out / 'report.md'}   "
+          f"TensorBoard: tensorboard --logdir {out / 'tb'}")
     return 0
 
 

@@ -1,0 +1,280 @@
+"""`loopfm sweep`: the whole pipeline once per value of one config key, then AUC vs that value.
+
+The paper's Table 5 sweeps the LoopFM sequence length L; this runs any such sweep::
+
+    loopfm sweep CONFIG --out DIR --param sequences.max_len=10,25,50,100 [key=value ...]
+
+Point ``v`` runs `loopfm.pipeline.run_all` in ``DIR/<key>=<v>/``. Points run in the order given,
+and a stage whose config hash (`pipeline.stage_hashes`, chained) equals the same stage's hash at
+an earlier point is not run again: the point's stage folder becomes a relative symlink to the
+earliest such point's complete folder, which `run_all` then finds up to date. Sweeping
+``sequences.max_len`` thus trains one FM and reruns only build-sequences and train-vm. A stage
+already complete in a later point's folder (a value put in front of a finished sweep) is linked
+the same way.
+
+``--force`` recomputes every distinct stage once: the first point runs with ``force``, a later
+point's stages shared with an earlier point link to the folder just recomputed, and its own
+stages are deleted before it runs.
+
+DIR also gets ``sweep.json`` (shape in `run_sweep`), ``report.md`` (tables, reused stages, plot),
+``auc_vs_<param>.png`` (one line per MODEL/VARIANT; ``auc_vs_L.png`` for ``sequences.max_len``)
+and TensorBoard scalars in ``DIR/tb/sweep``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from loopfm.artifacts import is_complete
+from loopfm.config import ConfigError, LoopFMConfig, load_config, to_dict
+
+METRICS = {"auc": "AUC", "ne": "NE", "logloss": "LogLoss"}
+# Short names the plots use for well-known keys (report.plot_sweep labels "L" as the sequence length).
+PLOT_NAMES = {"sequences.max_len": "L"}
+
+
+def parse_param(text: str) -> tuple[str, list[str]]:
+    """``"sequences.max_len=10,25"`` -> ``("sequences.max_len", ["10", "25"])``.
+
+    Values are split on commas (a list value such as ``[a,b]`` cannot be swept) and become folder
+    names, so they must be distinct, non-empty and free of ``/``; at least two are needed.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise ConfigError(f"--param {text!r}: expected KEY=V1,V2,..., e.g. sequences.max_len=10,25,50")
+    labels = [v.strip() for v in raw.split(",")]
+    if any(not v for v in labels):
+        raise ConfigError(f"--param {text!r}: empty value")
+    if "/" in key or any("/" in v or "\0" in v for v in labels):
+        raise ConfigError(f"--param {text!r}: a value becomes a folder name and cannot contain '/'")
+    if len(labels) < 2:
+        raise ConfigError(f"--param {text!r}: a sweep needs at least two values")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--param {text!r}: duplicate values")
+    return key, labels
+
+
+def point_folder(key: str, label: str) -> str:
+    """The run folder of one point, relative to the sweep folder (``sequences.max_len=10``)."""
+    return f"{key}={label}"
+
+
+def _value_at(cfg: LoopFMConfig, key: str) -> Any:
+    node: Any = to_dict(cfg)
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _load_points(config_path: str | Path | None, overrides: Sequence[str], key: str,
+                 labels: Sequence[str]) -> list[tuple[str, Any, LoopFMConfig]]:
+    """(label, resolved value, config) per point; every point is checked before anything runs."""
+    if any(o.partition("=")[0].strip() == key for o in overrides):
+        raise ConfigError(f"{key} is swept by --param; remove its key=value override")
+    points = []
+    for label in labels:
+        try:
+            parsed = yaml.safe_load(label)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--param {key}: cannot parse value {label!r} ({err})") from None
+        if isinstance(parsed, (list, dict)):
+            raise ConfigError(f"--param {key}: value {label!r} is not a scalar")
+        cfg = load_config(LoopFMConfig, config_path, [*overrides, f"{key}={label}"])
+        points.append((label, _value_at(cfg, key), cfg))
+    for i, (label, value, _) in enumerate(points):
+        same = next((other for other, v, _ in points[:i] if v == value), None)
+        if same is not None:
+            raise ConfigError(f"--param {key}: values {same!r} and {label!r} are the same setting")
+    return points
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _share_stages(run_dir: Path, hashes: dict[str, str], others: list[tuple[str, Path, dict[str, str]]],
+                  *, force: bool) -> dict[str, str]:
+    """Link each of ``run_dir``'s stage folders to the first of ``others`` (label, run folder,
+    stage hashes) with the same stage hash and a complete folder; returns {folder: its label} for
+    the linked ones. A link points at the real folder, never at another link.
+
+    A real complete folder with the right hash is kept, not linked, unless ``force``. A stage that
+    is not shared must not be a symlink (`run_all` would write into the other point's folder), so
+    such links are removed; with ``force`` its real folder is removed too, so it is recomputed.
+    """
+    from loopfm.pipeline import FOLDERS
+
+    shared: dict[str, str] = {}
+    for stage, folder in FOLDERS.items():
+        path = run_dir / folder
+        if not force and not path.is_symlink() and is_complete(path, hashes[stage]):
+            continue
+        source = next((label for label, other, h in others
+                       if h[stage] == hashes[stage] and is_complete(other / folder, hashes[stage])), None)
+        if source is None:
+            if path.is_symlink() or (force and path.exists()):
+                _remove(path)
+            continue
+        target = next(other for label, other, _ in others if label == source) / folder
+        link = os.path.relpath(os.path.realpath(target), os.path.realpath(run_dir))
+        shared[folder] = source
+        if not (path.is_symlink() and os.readlink(path) == link):
+            _remove(path)
+            path.symlink_to(link, target_is_directory=True)
+    return shared
+
+
+def run_sweep(config_path: str | Path | None, overrides: Sequence[str], out: str | Path, param: str,
+              values: Sequence[str], force: bool = False, progress: bool = True,
+              echo: Callable[[str], None] = print) -> dict:
+    """Run every point of the sweep into ``out`` and write the sweep's summary; returns sweep.json's
+    content::
+
+        {"param": key, "values": [resolved value per point], "runs": {label: folder},
+         "auc" | "ne" | "logloss": {MODEL: {VARIANT: {label: float | null}}},
+         "fm": {label: {"auc", "logloss", "ne"}}, "shared": {label: {stage folder: label}}}
+
+    ``values`` are the texts after ``=`` (``["10", "25"]``), each parsed as YAML by the config
+    loader; labels (the dict keys) are these texts. Unknown keys, bad values and duplicates raise
+    `ConfigError` before any folder is made.
+    """
+    from loopfm import report
+    from loopfm.pipeline import run_all, stage_hashes
+
+    key, labels = parse_param(f"{param}={','.join(values)}")
+    points = _load_points(config_path, overrides, key, labels)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"param": key, "values": [v for _, v, _ in points], "runs": {},
+                               **{m: {} for m in METRICS}, "fm": {}, "shared": {}}
+    folders = [(label, out / point_folder(key, label), stage_hashes(cfg)) for label, _, cfg in points]
+    for i, ((label, _, cfg), (_, run_dir, hashes)) in enumerate(zip(points, folders)):
+        name = run_dir.name
+        run_dir.mkdir(exist_ok=True)
+        # Earlier points first; then, unless forced, a later point already complete from an earlier
+        # invocation (a value added in front of a finished sweep reuses its FM).
+        others = folders[:i] + ([] if force else folders[i + 1:])
+        shared = _share_stages(run_dir, hashes, others, force=force and i > 0)
+        echo(f"[sweep] {name} ({i + 1}/{len(points)}){_describe_shared(key, shared)}")
+        results = run_all(cfg, run_dir, force=force and i == 0, progress=progress,
+                          echo=lambda line, name=name: echo(f"[sweep] {name} {line}"))
+        summary["runs"][label] = name
+        summary["shared"][label] = shared
+        summary["fm"][label] = results["fm"]
+        for model, variants in results["vm"].items():
+            for variant, entry in variants.items():
+                for metric in METRICS:
+                    summary[metric].setdefault(model, {}).setdefault(variant, {})[label] = entry.get(metric)
+    report.write_results(out / "sweep.json", summary)
+    write_sweep_report(out, summary)
+    log_sweep_tensorboard(out / "tb", summary)
+    return summary
+
+
+def _by_source(shared: dict[str, str]) -> dict[str, list[str]]:
+    """{stage folder: point label} -> {point label: [stage folders]}."""
+    grouped: dict[str, list[str]] = {}
+    for folder, source in shared.items():
+        grouped.setdefault(source, []).append(folder)
+    return grouped
+
+
+def _describe_shared(key: str, shared: dict[str, str]) -> str:
+    """``"; reusing data, fm of sequences.max_len=2"``."""
+    return "".join(f"; reusing {', '.join(folders)} of {key}={source}"
+                   for source, folders in _by_source(shared).items())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sweep_lines(summary: dict, metric: str = "auc") -> dict[str, dict[Any, float | None]]:
+    """{"MODEL/VARIANT": {value: metric}}: the shape `report.plot_sweep` draws one line per key of."""
+    value_of = dict(zip(summary["runs"], summary["values"]))
+    return {f"{model}/{variant}": {value_of[label]: x for label, x in by_label.items()}
+            for model, variants in summary[metric].items() for variant, by_label in variants.items()}
+
+
+def _plot_name(key: str) -> str:
+    return PLOT_NAMES.get(key, key)
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def sweep_table(summary: dict, metric: str = "auc") -> str:
+    """Markdown: one row per point (in sweep order), one column per MODEL/VARIANT."""
+    key = summary["param"]
+    lines = sweep_lines(summary, metric)
+    header = "sequence length L" if _plot_name(key) == "L" else key
+    rows = [f"| {header} | " + " | ".join(lines) + " | FM (teacher) |",
+            "|---:|" + "---:|" * (len(lines) + 1)]
+    for label, value in zip(summary["runs"], summary["values"]):
+        cells = [_fmt(points.get(value)) for points in lines.values()]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(summary['fm'][label].get(metric))} |")
+    return "\n".join(rows)
+
+
+def write_sweep_report(out: Path, summary: dict) -> Path:
+    """``out/report.md``: AUC / NE / LogLoss per point, which stages each point reused, the plot."""
+    from loopfm import report
+
+    key = summary["param"]
+    parts = [f"# LoopFM sweep — {key}", "",
+             f"The whole pipeline ran once per value of `{key}`, each in its own folder; a stage whose "
+             "config matched an earlier point's was linked to that point's folder, not rerun.", ""]
+    for metric, title in METRICS.items():
+        parts += [f"## Test {title}", "", sweep_table(summary, metric), ""]
+    parts += ["## Runs", "", "| value | run folder | stages reused from |", "|---|---|---|"]
+    for label, folder in summary["runs"].items():
+        reused = "; ".join(f"{', '.join(folders)} ({key}={source})"
+                           for source, folders in _by_source(summary["shared"][label]).items()) or "–"
+        parts.append(f"| {label} | [{folder}]({folder}/report.md) | {reused} |")
+    parts.append("")
+    name = _plot_name(key)
+    fname = f"auc_vs_{name}.png"
+    if all(_is_number(v) for v in summary["values"]) and report.plot_sweep(name, sweep_lines(summary), out / fname):
+        title = "AUC vs sequence length" if name == "L" else f"AUC vs {key}"
+        parts += ["## Plot", "", f"![{title}]({fname})", ""]
+    else:
+        parts += ["## Plot", "", f"No plot: the values of {key} are not all numbers.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def log_sweep_tensorboard(tb_dir: Path, summary: dict) -> Path:
+    """Scalars ``sweep/<param>/<MODEL/VARIANT>/<metric>`` in ``tb_dir/sweep``, replacing earlier ones
+    (step = the value for an integer param, else the point's index). Written here, not by `report.log_tensorboard`, because
+    that one needs a single run's results and logs only the AUC of a sweep."""
+    from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
+
+    values = summary["values"]
+    steps = values if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else range(len(values))
+    step_of = dict(zip(summary["runs"], steps))
+    name = _plot_name(summary["param"])
+    folder = tb_dir / "sweep"
+    for old in folder.glob("events.out.tfevents.*"):  # a rerun replaces the summary, not adds to it
+        old.unlink()
+    writer = SummaryWriter(log_dir=str(folder))
+    try:
+        for metric in METRICS:
+            for model, variants in summary[metric].items():
+                for variant, by_label in variants.items():
+                    for label, x in by_label.items():
+                        if x is not None:
+                            writer.add_scalar(f"sweep/{name}/{model}/{variant}/{metric}", x, step_of[label])
+        writer.flush()
+    finally:
+        writer.close()
+    return folder
