@@ -47,8 +47,13 @@ def _launch(nproc, tmp_path, *args) -> None:
     elastic_launch(config, entrypoint=_worker)(*args)
 
 
+def _fresh(fm_dir):
+    return json.loads((fm_dir / "_SUCCESS").read_text())["eval_fresh"]
+
+
 def test_two_processes_match_one_process_and_resume_exactly(data, tmp_path):
-    cfg = tiny_config(checkpoint_every_steps=3)
+    # refresh_days: after days 1-4 the FM goes on over day 5 (fm/daily/day=5), also under 2 processes
+    cfg = tiny_config(checkpoint_every_steps=3, refresh_days=[5])
     train_fm(cfg, data, tmp_path / "one" / "fm", seed=0, config_hash="t", progress=False)
     _launch(2, tmp_path, data, tmp_path / "two" / "fm", dataclasses.asdict(cfg))
     one, two = tmp_path / "one" / "fm", tmp_path / "two" / "fm"
@@ -65,6 +70,10 @@ def test_two_processes_match_one_process_and_resume_exactly(data, tmp_path):
         # coordinates grows to ~lr-sized steps, so parameters match less tightly than the losses
         torch.testing.assert_close(s1[k], s2[k], atol=1e-3, rtol=1e-3, msg=k)
     assert json.loads((two / "_SUCCESS").read_text())["world_size"] == 2
+    assert _fresh(two)["6"]["auc"] == pytest.approx(_fresh(one)["6"]["auc"], abs=1e-5)
+    d1, d2 = _state(one / "daily" / "day=5"), _state(two / "daily" / "day=5")
+    for k in d1:
+        torch.testing.assert_close(d1[k], d2[k], atol=1e-3, rtol=1e-3, msg=k)
 
     # Stopped after step 11 and resumed, 2 processes end exactly like the uninterrupted 2 processes.
     stopped = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=11))
@@ -74,6 +83,8 @@ def test_two_processes_match_one_process_and_resume_exactly(data, tmp_path):
     assert _eval(tmp_path / "resumed" / "fm") == _eval(two)
     s3 = _state(tmp_path / "resumed" / "fm")
     assert all(torch.equal(s2[k], s3[k]) for k in s2)
+    d3 = _state(tmp_path / "resumed" / "fm" / "daily" / "day=5")  # the refresh is redone identically
+    assert all(torch.equal(d2[k], d3[k]) for k in d2) and _fresh(tmp_path / "resumed" / "fm") == _fresh(two)
 
 
 def test_resume_after_a_stop_ends_exactly_like_an_uninterrupted_run(data, tmp_path):
