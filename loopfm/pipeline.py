@@ -161,8 +161,12 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
 
     from loopfm import report
 
-    fm_eval = read_manifest(run_dir / "fm")["eval"]
+    fm_manifest = read_manifest(run_dir / "fm")
     test_day = str(cfg.vm.test_day)
+    # The teacher on the test day: the fixed FM, or with a daily FM the one refreshed the day before
+    # (the FM whose codes and soft labels the test day's VM inputs come from).
+    daily = cfg.extract.fm_checkpoint == "daily" and test_day in fm_manifest.get("eval_fresh", {})
+    fm_eval = fm_manifest["eval_fresh"] if daily else fm_manifest["eval"]
     if test_day not in {str(d) for d in fm_eval}:
         raise ConfigError(f"the FM was not evaluated on the VM test day {test_day}: add it to fm.train.eval_days")
     fm = {k: fm_eval[test_day][k] for k in ("auc", "logloss", "ne")}
@@ -182,6 +186,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
                     "ne_vm_before": {m: {v: x["ne"] for v, x in vs.items()} for m, vs in before["vm"].items()}}
     results = report.build_results(read_manifest(run_dir / "data")["dataset"], fm, runs, labels, users, timings,
                                    transfer_ratio=transfer)
+    results["fm"]["checkpoint"] = "daily" if daily else "fixed"
     report.write_results(run_dir / "results.json", results)
     report.write_report(run_dir, results)
     report.log_tensorboard(run_dir / "tb", results)

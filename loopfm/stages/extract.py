@@ -100,9 +100,8 @@ def run_extract(cfg: ExtractConfig, run_dir: str | Path, out_dir: str | Path, *,
                     meta, z = _score(model, builder, table, cfg.kind, taps, keys)
                     parts.append((meta, z))
                     day_sums["code"] += z.sum(0, dtype=np.float64)
-                    if model is not fixed:
-                        day_sums["cosine_to_fixed"] += _cosine_sum(z, _score(fixed, builder, table, cfg.kind,
-                                                                             taps, keys)[1])
+                    day_sums["cosine_to_fixed"] += (float(len(z)) if model is fixed else _cosine_sum(
+                        z, _score(fixed, builder, table, cfg.kind, taps, keys)[1]))
             if parts:
                 _write_day(tmp, day, parts)
             rows_per_day[str(day)] = sum(len(m["example_id"]) for m, _ in parts)

@@ -174,7 +174,7 @@ def test_daily_extract_scores_each_day_with_the_latest_fm(refreshed_run, tmp_pat
     np.testing.assert_allclose(b.column("soft_label").to_numpy()[day == 6][:40], probs, rtol=1e-6)
     # Drift: day 5 is the fixed FM's own code; day 6 moved away from it, but not to noise.
     assert "cosine_to_fixed" not in fixed["drift"]["6"] and fixed["drift"]["5"]["centroid_shift"] == 0.0
-    assert daily["drift"]["5"]["cosine_to_fixed"] == 0.0 or daily["drift"]["5"]["cosine_to_fixed"] > 0.999
+    assert daily["drift"]["5"]["cosine_to_fixed"] == 1.0
     assert 0.0 < daily["drift"]["6"]["cosine_to_fixed"] < 0.9999
 
 
