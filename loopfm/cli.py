@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", choices=("user", "item"), help="which timelines (default: the first built)")
     p.set_defaults(func=cmd_sequences_show)
 
-    _stage_parser(sub, "train-vm", "train and test the vertical models (all variants and seeds)",
-                  "Train vm.models x vm.variants x vm.seeds one pass over vm.train_days and test on "
-                  "vm.test_day; writes RUN/vm.", cmd_train_vm, keys=("vm",))
+    p = _stage_parser(sub, "train-vm", "train and test the vertical models (all variants and seeds)",
+                      "Train vm.models x vm.variants x vm.seeds one pass over vm.train_days and test on "
+                      "vm.test_day; writes RUN/vm.", cmd_train_vm, keys=("vm",))
+    _add_seeds(p)
     p = _stage_parser(sub, "report", "results.json, report.md with plots, TensorBoard scalars",
                       "Summarise RUN/fm and RUN/vm: results.json, report.md (+ PNG plots), RUN/tb/.",
                       cmd_report, keys=("vm",))
@@ -128,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                       out_help="sweep folder: one run folder per value, plus the sweep's report")
     p.add_argument("--param", required=True, metavar="KEY=V1,V2,...",
                    help="the config key and its values, e.g. sequences.max_len=10,25,50,100")
-    _stage_parser(sub, "run", "run the whole pipeline on one config",
-                  "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
-                  "for the same config; a killed run picks up where it stopped.", cmd_run)
+    _add_seeds(p)
+    p = _stage_parser(sub, "run", "run the whole pipeline on one config",
+                      "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
+                      "for the same config; a killed run picks up where it stopped.", cmd_run)
+    _add_seeds(p)
     try:
         from loopfm.launch import add_launch_parser
     except ImportError:  # torchx not installed: everything but `launch` still works
@@ -140,8 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_seeds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="shorthand for vm.seeds=N: every VM run N times, mean ± std and paired t-tests")
+
+
+def _seed_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"vm.seeds={args.seeds}"] if getattr(args, "seeds", None) is not None else []
+
+
 def _load(args: argparse.Namespace, extra: list[str] = ()) -> LoopFMConfig:
-    config, overrides = args.config, list(args.overrides)
+    config, overrides = args.config, [*_seed_overrides(args), *args.overrides]
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # no config file, only overrides
     return load_config(LoopFMConfig, config, [*extra, *overrides])
@@ -285,7 +297,7 @@ def cmd_tune_kd(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from loopfm.sweep import parse_param, run_sweep, sweep_table
 
-    config, overrides = args.config, list(args.overrides)
+    config, overrides = args.config, [*_seed_overrides(args), *args.overrides]
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # no config file, only overrides (as `_load`)
     key, values = parse_param(args.param)

@@ -89,3 +89,15 @@ def test_experiment_config_loads_quickstart_and_rejects_typos(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(LoopFMConfig, tmp_path / "missing.yaml")
     assert to_dict(cfg)["data"]["synthetic"]["rows"] == 1000
+
+
+def test_seeds_flag_is_shorthand_for_vm_seeds():
+    from pathlib import Path
+
+    from loopfm.cli import _load, build_parser
+
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    args = build_parser().parse_args(["run", quickstart, "--out", "x", "--seeds", "3"])
+    assert _load(args).vm.seeds == 3
+    args = build_parser().parse_args(["train-vm", quickstart, "--out", "x"])
+    assert _load(args).vm.seeds == 1
