@@ -756,6 +756,11 @@ def plot_sweep(param: str, values: Mapping[Any, Any], path: Path) -> Optional[Pa
     ax = fig.add_subplot(1, 1, 1)
     for name, pts in lines.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    xs = [p[0] for pts in lines.values() for p in pts]
+    if min(xs) > 0 and max(xs) >= 20 * min(xs):  # e.g. L = 1 ... 100: even spacing per decade
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+        ax.minorticks_off()
     ax.set_xlabel("sequence length L" if param == "L" else param)
     ax.set_ylabel("test AUC")
     ax.set_title("AUC vs sequence length" if param == "L" else f"AUC vs {param}")
