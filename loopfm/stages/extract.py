@@ -14,7 +14,7 @@ or the fixed FM when d - 1 is its last training day. The paper attributes the sm
 daily setting to embedding drift, so the manifest records it per day: ``drift[day]`` has
 ``centroid_shift`` (L2 distance of the day's mean code from the first day's) and, for ``daily``,
 ``cosine_to_fixed`` (mean cosine similarity of each example's code with the fixed FM's code of
-the same example).
+the same example; so a refreshed day is scored twice, by its FM and by the fixed one).
 
 Under N ranks (torchrun, or N TorchX replicas) each rank scores the users of its key-hash shard
 with a full copy of the FM on one process, and writes its own shard folder; no collectives, so

@@ -4,8 +4,8 @@ VM training days (default 5–7), tested on the test day (default 8).
 Inputs are the earlier stages' artefacts, joined by example id: the event log (VM-visible
 features only), the extract output (the FM's soft labels, for KD), the sequences (the LoopFM
 channel, user-keyed, built from strictly earlier events) and, for ``kd+current`` only, the
-compress output (the FM's code of the example itself, table 2's real-time-FM comparison). Batches are built once and shared by
-every run, so runs differ only in model, variant and seed.
+compress output (the FM's code of the example itself, table 2's real-time-FM comparison).
+Batches are built once and shared by every run, so runs differ only in model, variant and seed.
 
 Output ``RUN/vm/``: ``predictions.parquet`` (example_id, label, user_id, one float column per run
 ``model/variant/seed``), ``runs.json`` (per-run test metrics and training facts), ``_SUCCESS``.
