@@ -124,7 +124,7 @@ class VMInputs:
         from loopfm.stages.compress import load_spec
 
         self.log, self.cfg = log, cfg
-        self.soft = _soft_labels(run_dir / "extract", log.num_rows()) if needs_kd else None
+        self.soft = soft_labels(run_dir / "extract", log.num_rows()) if needs_kd else None
         self.reader = self.spec = self.current = None
         self.quantizer = None
         if needs_seq or needs_current:
@@ -188,12 +188,17 @@ def _packed_codes(compress_dir: Path, num_examples: int, code_bytes: int) -> tup
     return codes, present
 
 
-def _soft_labels(extract_dir: Path, num_examples: int) -> np.ndarray:
-    """The FM's predicted probability per example id (NaN where the extract did not log it)."""
-    from loopfm.stages.codes_format import read_codes
+def soft_labels(extract_dir: Path, num_examples: int, days: list[int] | None = None) -> np.ndarray:
+    """The FM's predicted probability per example id (NaN where the extract did not log it), from
+    ``days`` only (default: every extract day)."""
+    from loopfm.stages.codes_format import read_codes, stage_days
 
-    read_manifest(extract_dir)
-    t = read_codes(extract_dir, columns=["example_id", "soft_label"])
+    have = stage_days(read_manifest(extract_dir))
+    missing = sorted(set(days or []) - set(have))
+    if missing:
+        raise ValueError(f"{extract_dir} has no soft labels for days {missing} (extract.days was {have}): "
+                         "add them to extract.days and rerun extract")
+    t = read_codes(extract_dir, days=days, columns=["example_id", "soft_label"])
     soft = np.full(num_examples, np.nan, dtype=np.float32)
     soft[t.column("example_id").to_numpy()] = t.column("soft_label").to_numpy()
     return soft

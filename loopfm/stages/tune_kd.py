@@ -144,7 +144,7 @@ def _tuning_batches(cfg: LoopFMConfig, run_dir: Path) -> tuple[object, list, lis
 
     from loopfm.config import ConfigError
     from loopfm.data.eventlog import EventLog
-    from loopfm.stages.train_vm import VMInputs
+    from loopfm.stages.train_vm import VMInputs, soft_labels
 
     t = cfg.tune_kd
     assert cfg.vm.test_day not in t.days(), "the test day must never be read here"  # _check refused it
@@ -152,7 +152,10 @@ def _tuning_batches(cfg: LoopFMConfig, run_dir: Path) -> tuple[object, list, lis
     missing = sorted(set(t.days()) - set(log.days))
     if missing:
         raise ConfigError(f"tune_kd days {missing} are not in the event log (days {log.days})")
-    soft = _soft_labels(run_dir / "extract", t.train_days, log.num_rows())
+    try:  # the training days' soft labels only: the validation day predicts without them
+        soft = soft_labels(run_dir / "extract", log.num_rows(), days=t.train_days)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     inputs = VMInputs(run_dir, log, cfg.vm, needs_seq=t.variant == "kd+loopfm", needs_kd=False)
     train = []
     for b in inputs.batches(t.train_days):
@@ -162,25 +165,6 @@ def _tuning_batches(cfg: LoopFMConfig, run_dir: Path) -> tuple[object, list, lis
                               "rerun extract over them")
         train.append(dataclasses.replace(b, soft_labels=torch.from_numpy(s)))
     return log.schema, train, inputs.batches([t.valid_day])
-
-
-def _soft_labels(extract_dir: Path, days: list[int], num_examples: int):
-    """The FM's soft label per example id of ``days`` (NaN elsewhere); reads no other day."""
-    import numpy as np
-
-    from loopfm.artifacts import read_manifest
-    from loopfm.config import ConfigError
-    from loopfm.stages.codes_format import read_codes, stage_days
-
-    have = stage_days(read_manifest(extract_dir))
-    missing = sorted(set(days) - set(have))
-    if missing:
-        raise ConfigError(f"{extract_dir} has no soft labels for tune_kd.train_days {missing} (extract.days "
-                          f"was {have}): add them to extract.days and rerun extract")
-    t = read_codes(extract_dir, days=days, columns=["example_id", "soft_label"])
-    soft = np.full(num_examples, np.nan, dtype=np.float32)
-    soft[t.column("example_id").to_numpy()] = t.column("soft_label").to_numpy()
-    return soft
 
 
 def _train_grid(cfg: LoopFMConfig, models: list[str], schema, train: list, valid: list, *,
