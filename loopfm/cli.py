@@ -152,10 +152,16 @@ def _seed_overrides(args: argparse.Namespace) -> list[str]:
     return [f"vm.seeds={args.seeds}"] if getattr(args, "seeds", None) is not None else []
 
 
-def _load(args: argparse.Namespace, extra: list[str] = ()) -> LoopFMConfig:
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config file (or None) and the overrides, ``--seeds`` first so a ``key=value`` wins."""
     config, overrides = args.config, [*_seed_overrides(args), *args.overrides]
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # no config file, only overrides
+    return config, overrides
+
+
+def _load(args: argparse.Namespace, extra: list[str] = ()) -> LoopFMConfig:
+    config, overrides = _config_and_overrides(args)
     return load_config(LoopFMConfig, config, [*extra, *overrides])
 
 
@@ -297,9 +303,7 @@ def cmd_tune_kd(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from loopfm.sweep import parse_param, run_sweep, sweep_table
 
-    config, overrides = args.config, [*_seed_overrides(args), *args.overrides]
-    if config is not None and "=" in config and not Path(config).exists():
-        config, overrides = None, [config, *overrides]  # no config file, only overrides (as `_load`)
+    config, overrides = _config_and_overrides(args)
     key, values = parse_param(args.param)
     out = Path(args.out)
     summary = run_sweep(config, overrides, out, key, values, force=args.force, progress=not args.quiet)
