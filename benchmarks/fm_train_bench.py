@@ -64,7 +64,8 @@ def _launch(nproc: int, scratch: Path, *args) -> None:
 
 def bench(name: str, nproc: int, steps: int, root: Path, threads: int) -> dict:
     from loopfm.pipeline import run_prepare
-    from loopfm.config import load_config, LoopFMConfig
+    from loopfm.config import load_config
+    from loopfm.experiment import LoopFMConfig
 
     cfg = load_config(LoopFMConfig, CONFIGS[name])
     data = root / name / "data"

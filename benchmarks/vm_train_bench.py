@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from loopfm.config import LoopFMConfig, load_config
+from loopfm.config import load_config
+from loopfm.experiment import LoopFMConfig
 from loopfm.data.eventlog import EventLog
 from loopfm.stages.train_vm import VMInputs
 from loopfm.vm.kd import kd_for_variant, variant_flags

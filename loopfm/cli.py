@@ -16,7 +16,8 @@ import time
 import typing
 from pathlib import Path
 
-from loopfm.config import ConfigError, LoopFMConfig, load_config
+from loopfm.config import ConfigError, load_config
+from loopfm.experiment import LoopFMConfig
 from loopfm.data.errors import DataError
 
 PIPELINE = ("prepare", "train-fm", "extract", "compress", "build-sequences", "train-vm", "report")

@@ -183,27 +183,3 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported config type {tp}")
-
-
-# --- the experiment config ---------------------------------------------------------------------
-# Each section is owned by the code it configures; this is only the tree that holds them.
-from loopfm.data.sources import DataConfig  # noqa: E402  (sections import nothing from here)
-from loopfm.fm import FMConfig  # noqa: E402
-from loopfm.stages.compress import CompressConfig  # noqa: E402
-from loopfm.stages.extract import ExtractConfig  # noqa: E402
-from loopfm.stages.sequences import SequencesConfig  # noqa: E402
-from loopfm.stages.train_vm import VMStageConfig  # noqa: E402
-from loopfm.stages.tune_kd import KDSearchConfig  # noqa: E402
-
-
-@dataclasses.dataclass(kw_only=True)
-class LoopFMConfig:
-    """One experiment: what data, and (as the pipeline grows) how each stage runs."""
-    seed: int = dataclasses.field(default=0, metadata={"help": "drives data generation, init, shuffling"})
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    fm: FMConfig = dataclasses.field(default_factory=FMConfig)
-    extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
-    compress: CompressConfig = dataclasses.field(default_factory=CompressConfig)
-    sequences: SequencesConfig = dataclasses.field(default_factory=SequencesConfig)
-    vm: VMStageConfig = dataclasses.field(default_factory=VMStageConfig)
-    tune_kd: KDSearchConfig = dataclasses.field(default_factory=KDSearchConfig)

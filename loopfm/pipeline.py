@@ -24,7 +24,8 @@ from typing import Callable
 import yaml
 
 from loopfm.artifacts import is_complete, read_manifest
-from loopfm.config import ConfigError, LoopFMConfig, config_hash, to_dict
+from loopfm.config import ConfigError, config_hash, to_dict
+from loopfm.experiment import LoopFMConfig
 from loopfm.data.sources import DataConfig
 
 STAGES = ("prepare", "train-fm", "extract", "compress", "build-sequences", "train-vm", "report")

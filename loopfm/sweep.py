@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from loopfm.artifacts import is_complete
-from loopfm.config import ConfigError, LoopFMConfig, load_config, to_dict
+from loopfm.config import ConfigError, load_config, to_dict
+from loopfm.experiment import LoopFMConfig
 
 METRICS = {"auc": "AUC", "ne": "NE", "logloss": "LogLoss"}
 # Short names the plots use for well-known keys (report.plot_sweep labels "L" as the sequence length).

@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from loopfm.config import (ConfigError, LoopFMConfig, apply_overrides, config_hash, from_dict,
-                           load_config, save_config, to_dict)
+from loopfm.config import ConfigError, apply_overrides, config_hash, from_dict, load_config, save_config, to_dict
+from loopfm.experiment import LoopFMConfig
 
 
 @dataclass(kw_only=True)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:  # loopfm.config imports this module's config: no runtime import of it here
-    from loopfm.config import LoopFMConfig
+if TYPE_CHECKING:  # loopfm.experiment imports this module's config: no runtime import of it here
+    from loopfm.experiment import LoopFMConfig
 
 REFERENCE = {"kd": "baseline", "kd+loopfm": "loopfm"}  # the same VM without KD
 METRICS = ("auc", "logloss", "ne", "gauc")

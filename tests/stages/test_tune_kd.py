@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from loopfm.cli import main
-from loopfm.config import LoopFMConfig, load_config
+from loopfm.config import load_config
+from loopfm.experiment import LoopFMConfig
 from loopfm.stages.tune_kd import KDSearchConfig, summarize
 
 REPO = Path(__file__).resolve().parents[2]
