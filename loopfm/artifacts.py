@@ -6,9 +6,14 @@ Every stage (prepare, extract, compress, build-sequences, ...) writes ``OUT/`` t
         ... write files under tmp ...
         write_manifest(tmp, stage=..., config_hash=..., **facts)
 
-A killed or failed stage leaves no ``_SUCCESS`` and no half folder at ``OUT``; stale temp folders
-from killed runs are removed the next time the same output is written. A stage whose
-``_SUCCESS`` exists with the same config hash is skipped unless forced (`is_complete`).
+A killed or failed stage leaves no ``_SUCCESS`` and no half folder at ``OUT``. Stale temp folders
+of killed runs are removed the next time the same output is written, by the holder of the run
+folder's lock only (`loopfm.lock`), so a live run's temp folder is never taken for a dead one's.
+
+``_SUCCESS`` lists every file of the output with its byte size (and row count for Parquet), so a
+stage is complete (`is_complete`) only when its manifest is valid JSON with the same config hash
+*and* its files are all there, unchanged: a truncated or deleted file makes the stage damaged
+(`check_files` names the file), never "up to date".
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,12 +30,15 @@ from typing import Any, Iterator
 MANIFEST = "_SUCCESS"
 
 
+class ManifestError(ValueError):
+    """A manifest (or a path read from one) that is not valid: names the file."""
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | Path) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_temps(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -49,12 +58,89 @@ def atomic_output(out: str | Path) -> Iterator[Path]:
         raise
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Temp folders of earlier writers of ``out``: removed only by the run folder's lock holder,
+    and never one whose process (same host) is still alive."""
+    from loopfm.lock import holds
+
+    if not holds(out.parent):
+        return
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- JSON ----------------------------------------------------------------------------------------
+def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it into place (never a half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, **({"indent": 2} | dumps)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    """JSON from ``path``; a file that is not valid JSON is a `ManifestError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path} is not valid JSON ({err}); delete it or rerun the stage that "
+                            "wrote it") from None
+
+
+def inside(root: str | Path, relative: str) -> Path:
+    """``root / relative`` for a path read from a manifest; refuses one that leaves ``root``."""
+    rel = Path(str(relative))
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ManifestError(f"{root}: the manifest path {relative!r} leaves the folder (absolute or '..')")
+    return Path(root) / rel
+
+
+# -- manifests -----------------------------------------------------------------------------------
+def file_list(folder: str | Path) -> dict[str, dict]:
+    """Every file under ``folder`` but the manifest: {relative path: {"bytes", "rows" (Parquet)}}."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    out: dict[str, dict] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST:
+            continue
+        entry = {"bytes": path.stat().st_size}
+        if path.suffix == ".parquet":
+            entry["rows"] = pq.read_metadata(path).num_rows
+        out[rel] = entry
+    return out
+
+
 def write_manifest(folder: str | Path, *, stage: str, config_hash: str, **facts: Any) -> dict:
+    """Write ``folder/_SUCCESS`` last: the facts plus the list of the folder's files."""
     manifest = {
         "stage": stage,
         "config_hash": config_hash,
         "created_unix": int(time.time()),
         **facts,
+        "files": file_list(folder),
     }
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
@@ -66,12 +152,80 @@ def read_manifest(folder: str | Path) -> dict:
         raise FileNotFoundError(
             f"{folder} is not a finished stage output (no {MANIFEST}); run the stage that makes it first"
         )
-    return json.loads(path.read_text())
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} is not a manifest (a JSON object expected)")
+    return manifest
+
+
+def check_files(folder: str | Path, manifest: dict | None = None) -> str | None:
+    """None when every file ``_SUCCESS`` lists is there with its size and row count (and so for
+    each shard it names), else what is wrong, naming the file."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    try:
+        manifest = manifest if manifest is not None else read_manifest(folder)
+    except (FileNotFoundError, ManifestError) as err:
+        return str(err)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"{folder / MANIFEST} lists no files (written by an older version); redo the stage"
+    for rel, want in files.items():
+        try:
+            path = inside(folder, rel)
+        except ManifestError as err:
+            return str(err)
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            return f"{path} has {size} bytes, {MANIFEST} lists {want.get('bytes')}"
+        if "rows" in want:
+            try:
+                rows = pq.read_metadata(path).num_rows
+            except Exception as err:  # noqa: BLE001 - any unreadable footer is damage
+                return f"{path} is not a readable Parquet file ({type(err).__name__})"
+            if rows != want["rows"]:
+                return f"{path} has {rows} rows, {MANIFEST} lists {want['rows']}"
+    for shard in manifest.get("shards", []):
+        if shard == ".":
+            continue
+        try:
+            problem = check_files(inside(folder, shard))
+        except ManifestError as err:
+            return str(err)
+        if problem:
+            return problem
+    return None
 
 
 def is_complete(folder: str | Path, config_hash: str) -> bool:
-    """True when ``folder`` holds a finished output made with the same config."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return False
-    return json.loads(path.read_text()).get("config_hash") == config_hash
+    """True when ``folder`` holds a finished, undamaged output made with the same config."""
+    return stage_state(folder, config_hash)[0] == "ok"
+
+
+def stage_state(folder: str | Path, config_hash: str | None = None) -> tuple[str, str]:
+    """("ok" | "missing" | "damaged" | "stale", detail): stale = intact but of another config."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return "missing", f"no {folder / MANIFEST}"
+    try:
+        manifest = read_manifest(folder)
+    except ManifestError as err:
+        return "damaged", str(err)
+    problem = check_files(folder, manifest)
+    if problem:
+        return "damaged", problem
+    if config_hash is not None and manifest.get("config_hash") != config_hash:
+        return "stale", "made with another config"
+    return "ok", f"{len(manifest.get('files', {}))} files"
+
+
+def require_intact(folder: str | Path) -> dict:
+    """The manifest of a finished, undamaged stage output, else a one-line error naming the file."""
+    manifest = read_manifest(folder)
+    problem = check_files(folder, manifest)
+    if problem:
+        raise ManifestError(f"{folder} is damaged: {problem}; rerun its stage (or `loopfm run`) to redo it")
+    return manifest

@@ -8,6 +8,7 @@ The work itself lives in `loopfm.pipeline`; this file only parses and prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,11 +17,16 @@ import time
 import typing
 from pathlib import Path
 
+from loopfm.artifacts import ManifestError
 from loopfm.config import ConfigError, load_config
 from loopfm.experiment import LoopFMConfig
 from loopfm.data.errors import DataError
+from loopfm.launch import add_launch_parser
+from loopfm.lock import RunLocked
+from loopfm.pipeline import STAGES
 
-PIPELINE = ("prepare", "train-fm", "extract", "compress", "build-sequences", "train-vm", "report")
+# Errors of the user's making (config, data, manifests, a busy run folder): one line, exit 2.
+USER_ERRORS = (ConfigError, DataError, ManifestError, RunLocked, OSError, ValueError)
 
 
 def config_keys_help(cls: type, prefix: str = "") -> list[str]:
@@ -52,6 +58,7 @@ def _stage_parser(sub, name: str, help: str, description: str, func, *, keys: tu
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run_folder=_out_folder)  # held under RUN/.lock for the whole command
     if sharded:
         p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
                        help="this replica's key-hash shard (default $RANK or 0)")
@@ -66,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loopfm",
         description="LoopFM: move a foundation model's knowledge into small vertical models "
                     "through compressed historical embedding sequences.",
-        epilog="pipeline: " + " -> ".join(PIPELINE) + ".  Run `loopfm CMD --help` for a stage's options.",
+        epilog="pipeline: " + " -> ".join(STAGES) + ".  Run `loopfm CMD --help` for a stage's options.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _stage_parser(sub, "prepare", "turn a data source into the canonical Parquet event log",
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="shorthand for data.source=SOURCE")
     p.add_argument("--input", help="input file or folder (data.events.input for events, else data.<source>.path)")
     p.add_argument("--schema", help="YAML schema of an events input (data.events.schema)")
+    p.set_defaults(run_folder=lambda args: Path(args.out).parent)  # --out RUN/data: the run folder is RUN
 
     p = _stage_parser(sub, "train-fm", "train the foundation model and evaluate it",
                       "Train the FM (TorchRec, sharded) on RUN/data and write RUN/fm: model, autoencoder, "
@@ -135,13 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
                       "for the same config; a killed run picks up where it stopped.", cmd_run)
     _add_seeds(p)
-    try:
-        from loopfm.launch import add_launch_parser
-    except ImportError:  # torchx not installed: everything but `launch` still works
-        pass
-    else:
-        add_launch_parser(sub)
+    p = sub.add_parser("verify", help="check every stage folder of a run against its _SUCCESS file list",
+                       description="Print each stage's state: ok, missing, or damaged (naming the file). "
+                                   "Exit 0 when every present stage is intact, 2 otherwise.")
+    p.add_argument("run_dir", help="run folder")
+    p.set_defaults(func=cmd_verify)
+    add_launch_parser(sub)
     return parser
+
+
+def _out_folder(args: argparse.Namespace) -> Path | None:
+    """The run folder a command writes (None for the non-zero ranks of a multi-process stage, which
+    run under rank 0's lock)."""
+    if getattr(args, "rank", 0) != 0 or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return Path(args.out)
 
 
 def _add_seeds(p: argparse.ArgumentParser) -> None:
@@ -328,20 +345,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from loopfm.artifacts import stage_state
+    from loopfm.pipeline import FOLDERS
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a folder")
+    bad = 0
+    for stage, folder in FOLDERS.items():
+        state, detail = stage_state(run / folder)
+        bad += state == "damaged"
+        print(f"{stage:16s} {state:8s} {detail if state != 'ok' else run / folder}")
+    return 2 if bad else 0
+
+
+def _check_config(args: argparse.Namespace) -> None:
+    """The whole config and its day protocol, before anything is written (sweep checks each point)."""
+    from loopfm.protocol import check_protocol
+
+    if args.command != "sweep" and hasattr(args, "run_folder"):
+        extra = _source_overrides(args) if args.command == "prepare" else []
+        check_protocol(_load(args, extra), tune_kd=args.command == "tune-kd")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value overrides may also follow options (`run CONFIG --out RUN a.b=1`).
+    # key=value overrides may also follow options (`run CONFIG --out RUN a.b=1`); so may --debug.
+    args.debug = args.debug or "--debug" in extra
+    extra = [a for a in extra if a != "--debug"]
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from loopfm.lock import run_lock
+
     try:
-        return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"loopfm {args.command}: error: {err}", file=sys.stderr)
+        _check_config(args)
+        folder = args.run_folder(args) if hasattr(args, "run_folder") else None
+        with run_lock(folder) if folder is not None else contextlib.nullcontext():
+            return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\nloopfm {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"loopfm {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"loopfm {args.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, USER_ERRORS) else text[:500]
 
 
 if __name__ == "__main__":

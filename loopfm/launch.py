@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PIPELINE = ("prepare", "train-fm", "extract", "compress", "build-sequences", "train-vm", "report")
+from loopfm.pipeline import STAGES as PIPELINE  # the one list of stages, shared with the CLI
+
 DISTRIBUTED = ("train-fm", "train-vm")           # dist.ddp: -j NxM, torchrun sets RANK/WORLD_SIZE
 REPLICATED = ("extract", "compress", "build-sequences")  # --replicas independent key-hash shards
 LOCAL_SCHEDULERS = ("local_cwd", "local_docker")
@@ -71,12 +72,9 @@ def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def available_stages() -> list[str]:
-    """Pipeline stages the installed ``loopfm`` CLI has a command for, in pipeline order."""
-    from loopfm.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return [s for s in PIPELINE if s in sub.choices]
+    """Pipeline stages the ``loopfm`` CLI has a command for, in pipeline order: all of them, since
+    the CLI registers one command per entry of the shared list (`loopfm.pipeline.STAGES`)."""
+    return list(PIPELINE)
 
 
 def stage_app(stage: str, args: argparse.Namespace):

@@ -23,14 +23,20 @@ from typing import Callable
 
 import yaml
 
-from loopfm.artifacts import is_complete, read_manifest
+from loopfm.artifacts import (ManifestError, is_complete, read_json, read_manifest, require_intact, stage_state,
+                              write_json_atomic)
 from loopfm.config import ConfigError, config_hash, to_dict
 from loopfm.experiment import LoopFMConfig
 from loopfm.data.sources import DataConfig
 
+# The pipeline's stages in order: the one list the CLI, `loopfm launch` and `run_all` share.
 STAGES = ("prepare", "train-fm", "extract", "compress", "build-sequences", "train-vm", "report")
 FOLDERS = {"prepare": "data", "train-fm": "fm", "extract": "extract", "compress": "compress",
            "build-sequences": "sequences", "train-vm": "vm"}
+# The stage folders each stage reads (checked intact before it runs, when present).
+INPUTS = {"train-fm": ("data",), "extract": ("data", "fm"), "compress": ("extract",),
+          "build-sequences": ("compress",), "train-vm": ("data", "extract", "compress", "sequences"),
+          "report": ("data", "fm", "vm")}
 
 
 def input_fingerprint(data: DataConfig) -> dict[str, list]:
@@ -55,7 +61,9 @@ def stage_hashes(cfg: LoopFMConfig) -> dict[str, str]:
     h = {"prepare": config_hash({"seed": cfg.seed, "data": cfg.data, "inputs": input_fingerprint(cfg.data)})}
     h["train-fm"] = config_hash({"up": h["prepare"], "seed": cfg.seed, "fm": fm_hash_payload(cfg.fm)})
     h["extract"] = config_hash({"up": h["train-fm"], "extract": cfg.extract})
-    h["compress"] = config_hash({"up": h["extract"], "compress": cfg.compress})
+    # With compress.fit_days empty the fit days are "every extract day but the test day".
+    held_out = {} if cfg.compress.fit_days else {"test_day": cfg.vm.test_day}
+    h["compress"] = config_hash({"up": h["extract"], "compress": cfg.compress, **held_out})
     h["build-sequences"] = config_hash({"up": h["compress"], "sequences": cfg.sequences})
     h["train-vm"] = config_hash({"up": h["build-sequences"], "vm": cfg.vm})
     return h
@@ -63,6 +71,13 @@ def stage_hashes(cfg: LoopFMConfig) -> dict[str, str]:
 
 def config_yaml(cfg: LoopFMConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def check_inputs(run_dir: Path, stage: str) -> None:
+    """The finished input folders of ``stage`` are undamaged (a missing one is the stage's to report)."""
+    for name in INPUTS.get(stage, ()):
+        if (run_dir / name / "_SUCCESS").is_file():
+            require_intact(run_dir / name)
 
 
 # -- the stages -----------------------------------------------------------------------------------
@@ -90,9 +105,10 @@ def run_train_fm(cfg: LoopFMConfig, run_dir: Path, *, resume: bool, force: bool,
     if not force and is_complete(run_dir / "fm", key):
         return read_manifest(run_dir / "fm")["eval"], False
     read_manifest(run_dir / "data")  # a clear error if prepare has not run
-    try:
+    check_inputs(run_dir, "train-fm")
+    try:  # --force starts the FM over: no resume from a checkpoint
         metrics = train_fm(cfg.fm, run_dir / "data", run_dir / "fm", seed=cfg.seed, config_hash=key,
-                           config_yaml=config_yaml(cfg), resume=resume, progress=progress)
+                           config_yaml=config_yaml(cfg), resume=resume and not force, progress=progress)
     except FMConfigError as err:  # the config does not fit this event log
         raise ConfigError(str(err)) from None
     return metrics, True
@@ -104,6 +120,7 @@ def _sharded_stage(name: str, run: Callable[..., dict], exp: LoopFMConfig, run_f
     out = run_folder / FOLDERS[name]
     if not force and is_complete(out, key):
         return read_manifest(out), False
+    check_inputs(run_folder, name)
     return run(out_dir=out, rank=rank, world_size=world_size, progress=progress, config_hash=key,
                **kwargs), True
 
@@ -121,7 +138,8 @@ def run_compress(cfg: LoopFMConfig, run_dir: Path, *, rank: int = 0, world_size:
     from loopfm.stages.compress import run_compress as compress
 
     return _sharded_stage("compress", compress, cfg, run_dir, rank=rank, world_size=world_size, force=force,
-                          progress=progress, cfg=cfg.compress, extract_dir=run_dir / "extract")
+                          progress=progress, cfg=cfg.compress, extract_dir=run_dir / "extract",
+                          test_day=cfg.vm.test_day)
 
 
 def run_build_sequences(cfg: LoopFMConfig, run_dir: Path, *, rank: int = 0, world_size: int = 1,
@@ -142,6 +160,7 @@ def run_train_vm(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progr
     out = run_dir / "vm"
     if not force and is_complete(out, key):
         return read_manifest(out), False
+    check_inputs(run_dir, "train-vm")
     logger = TensorBoardLogger(run_dir / "tb" / "vm")
     try:
         return train_vm(cfg.vm, run_dir, out, config_hash=key, logger=logger, progress=progress), True
@@ -162,6 +181,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
 
     from loopfm import report
 
+    check_inputs(run_dir, "report")
     fm_manifest = read_manifest(run_dir / "fm")
     test_day = str(cfg.vm.test_day)
     # The teacher on the test day: the fixed FM, or with a daily FM the one refreshed the day before
@@ -178,8 +198,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
         runs.append(report.Run(model=model, variant=variant, seed=int(seed), preds=preds.column(name).to_numpy()))
     labels, users = preds.column("label").to_numpy(), preds.column("user_id").to_numpy()
     if timings is None:
-        path = run_dir / "timings.json"
-        timings = json.loads(path.read_text()) if path.is_file() else {}
+        timings = read_timings(run_dir)
     transfer = None
     if fm_before is not None:
         before = report.read_results(Path(fm_before) / "results.json")
@@ -194,13 +213,29 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
     return results
 
 
+def read_timings(run_dir: Path, echo: Callable[[str], None] = print) -> dict[str, float]:
+    """``RUN/timings.json`` (seconds per stage); an unreadable one is dropped with a note."""
+    path = run_dir / "timings.json"
+    if not path.is_file():
+        return {}
+    try:
+        timings = read_json(path)
+    except ManifestError as err:
+        echo(f"note: {err}; starting the timings afresh")
+        return {}
+    return timings if isinstance(timings, dict) else {}
+
+
 def run_all(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: bool = True,
             echo: Callable[[str], None] = print) -> dict:
     """Every stage in order, one process; returns results.json's content."""
+    from loopfm.protocol import check_days_in_log, check_protocol
+
+    check_protocol(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_yaml(cfg))
-    timings_path = run_dir / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = read_timings(run_dir, echo)
+    hashes = stage_hashes(cfg)
     steps: list[tuple[str, Callable[[], tuple[object, bool]]]] = [
         ("prepare", lambda: run_prepare(cfg, run_dir / "data", force=force, progress=progress)),
         ("train-fm", lambda: run_train_fm(cfg, run_dir, resume=True, force=force, progress=progress)),
@@ -209,17 +244,23 @@ def run_all(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: 
         ("build-sequences", lambda: run_build_sequences(cfg, run_dir, force=force, progress=progress)),
         ("train-vm", lambda: run_train_vm(cfg, run_dir, force=force, progress=progress)),
     ]
+    assert [name for name, _ in steps] == list(STAGES[:-1])
     for name, step in steps:
+        state, detail = stage_state(run_dir / FOLDERS[name], hashes[name])
+        if state == "damaged" and not force:
+            echo(f"[{name}] damaged ({detail}): redoing it")
         start = time.perf_counter()
-        _, ran = step()
+        manifest, ran = step()
+        if name == "prepare":  # the days a source yields are known once it is prepared
+            check_days_in_log(cfg, [int(d) for d in manifest["rows_per_day"]], str(run_dir / "data"))
         if ran:
             timings[name] = round(time.perf_counter() - start, 2)
-            timings_path.write_text(json.dumps(timings, indent=2))
+            write_json_atomic(run_dir / "timings.json", timings)
         echo(f"[{name}] {'done in %.1fs' % timings[name] if ran else 'up to date'}")
     start = time.perf_counter()
     results = run_report(cfg, run_dir, timings)
     timings["report"] = round(time.perf_counter() - start, 2)
-    timings_path.write_text(json.dumps(timings, indent=2))
+    write_json_atomic(run_dir / "timings.json", timings)
     results["timings_s"] = timings
     from loopfm import report
 

@@ -32,6 +32,7 @@ import yaml
 from loopfm.artifacts import is_complete
 from loopfm.config import ConfigError, load_config, to_dict
 from loopfm.experiment import LoopFMConfig
+from loopfm.protocol import check_protocol
 
 METRICS = {"auc": "AUC", "ne": "NE", "logloss": "LogLoss"}
 # Short names the plots use for well-known keys (report.plot_sweep labels "L" as the sequence length).
@@ -86,6 +87,10 @@ def _load_points(config_path: str | Path | None, overrides: Sequence[str], key: 
         if isinstance(parsed, (list, dict)):
             raise ConfigError(f"--param {key}: value {label!r} is not a scalar")
         cfg = load_config(LoopFMConfig, config_path, [*overrides, f"{key}={label}"])
+        try:
+            check_protocol(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"--param {key}={label}: {err}") from None
         points.append((label, _value_at(cfg, key), cfg))
     for i, (label, value, _) in enumerate(points):
         same = next((other for other, v, _ in points[:i] if v == value), None)

@@ -27,13 +27,21 @@ class EventLog:
     def days(self) -> list[int]:
         return sorted(int(d) for d in self.manifest["rows_per_day"])
 
+    def _days(self, days: Sequence[int] | None) -> Sequence[int]:
+        """None = every day; an empty list is an error, never "all days" (it once trained VMs on the test day)."""
+        if days is None:
+            return self.days
+        if len(days) == 0:
+            raise ValueError(f"{self.root}: an empty list of days was asked for (name the days)")
+        return days
+
     def num_rows(self, days: Sequence[int] | None = None) -> int:
         rows = self.manifest["rows_per_day"]
-        return sum(rows[str(d)] for d in (days or self.days) if str(d) in rows)
+        return sum(rows[str(d)] for d in self._days(days) if str(d) in rows)
 
     def files(self, days: Sequence[int] | None = None) -> list[Path]:
         out: list[Path] = []
-        for d in days or self.days:
+        for d in self._days(days):
             if d not in self.days:
                 raise ValueError(f"{self.root}: no day {d}; days are {self.days}")
             out.extend(sorted((self.root / "events" / f"day={d}").glob("part-*.parquet")))

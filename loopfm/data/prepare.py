@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
+from loopfm.progress import progress_bar
 
 from loopfm.artifacts import atomic_output, write_manifest
 from loopfm.data.errors import DataError
@@ -89,7 +89,7 @@ def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool):
     staged: list[tuple[Path, int, int]] = []
     ts_parts: list[np.ndarray] = []
     offset = 0
-    bar = tqdm(desc=f"prepare {info.dataset}: read", unit=" rows", unit_scale=True, disable=not progress)
+    bar = progress_bar(desc=f"prepare {info.dataset}: read", unit=" rows", unit_scale=True, enabled=progress)
     for i, chunk in enumerate(source.chunks()):
         if not counters:  # the first chunk fixes each vocabulary's key type
             counters = {name: VocabCounter(t) for name, t in _key_types(chunk, info).items()}
@@ -218,7 +218,7 @@ def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: 
     target = events if in_order else tmp / "_unsorted"
     rows_per_day: dict[int, int] = {}
     part_no: dict[int, int] = {}
-    for path, off, n in tqdm(staged, desc="prepare: encode", unit=" chunk", disable=not progress):
+    for path, off, n in progress_bar(staged, desc="prepare: encode", unit=" chunk", enabled=progress):
         table = _encode_chunk(pq.read_table(path), example_id[off:off + n], day[off:off + n],
                               schema, vocabs)
         chunk_days = day[off:off + n]
@@ -231,7 +231,7 @@ def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: 
             part_no[int(d)] = k + 1
             rows_per_day[int(d)] = rows_per_day.get(int(d), 0) + sub.num_rows
     if not in_order:
-        for d in tqdm(sorted(rows_per_day), desc="prepare: sort days", disable=not progress):
+        for d in progress_bar(sorted(rows_per_day), desc="prepare: sort days", enabled=progress):
             folder = target / f"day={d}"
             table = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
             (events / f"day={d}").mkdir(parents=True)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from loopfm.artifacts import ManifestError, inside, read_json
+
 
 def _local(value: Any) -> Any:
     """Plain-data copy of a (nested) state dict; a ShardedTensor becomes its local shards."""
@@ -65,7 +67,13 @@ class Checkpointer:
 
     def latest(self) -> dict | None:
         path = self.folder / "LATEST"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        meta = read_json(path)
+        if not isinstance(meta, dict) or not meta.get("dir"):
+            raise ManifestError(f"{path} names no checkpoint folder")
+        inside(self.folder, meta["dir"])  # refuses a path that leaves the checkpoint folder
+        return meta
 
     def save(self, step: int, model: nn.Module, fused_optimizer: Any, dense_optimizer: torch.optim.Optimizer,
              position: dict) -> None:
@@ -101,7 +109,7 @@ class Checkpointer:
         if meta["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {self.folder / meta['dir']} was written by {meta['world_size']} "
                              f"processes; resume it with the same number (this run has {self.world_size})")
-        state = torch.load(self.folder / meta["dir"] / f"rank-{self.rank:05d}.pt", weights_only=True)
+        state = torch.load(inside(self.folder, meta["dir"]) / f"rank-{self.rank:05d}.pt", weights_only=True)
         model.load_state_dict(_restore(model.state_dict(), state["model"]))
         fused_optimizer.load_state_dict(_restore(fused_optimizer.state_dict(), state["fused_optimizer"]))
         dense_optimizer.load_state_dict(state["dense_optimizer"])

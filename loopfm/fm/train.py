@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from tqdm import tqdm
+from loopfm.progress import progress_bar
 
-from loopfm.artifacts import atomic_output, read_manifest, write_manifest
+from loopfm.artifacts import atomic_output, read_json, read_manifest, write_json_atomic, write_manifest
 from loopfm.data.eventlog import EventLog
 from loopfm.data.schema import Schema
 from loopfm.fm.batch import BatchBuilder, iter_batches, num_global_batches
@@ -66,7 +66,7 @@ def train_fm(cfg: FMConfig, data_dir: str | Path, out_dir: str | Path, *, seed: 
         layout = FeatureLayout.build(select_features(log.schema, cfg.model), cfg.model.sequence_group)
         torch.manual_seed(seed)  # 2. model: identical on every rank, independent of the world size
         model = FoundationModel(layout, cfg.model, cfg.autoencoder)
-        latest = _prepare_work(work, ctx, resume, config_hash)
+        latest = _prepare_work(work, ctx, resume, config_hash, config_yaml)
         plan = json.loads((work / "plan.json").read_text()) if latest else None
         dmp = parallelize(model, cfg.parallel, cfg.optimizer, ctx.device, plan=plan)  # 3. plan + DMP
         if ctx.rank == 0 and plan is None:
@@ -140,30 +140,44 @@ def _check_protocol(cfg: TrainConfig, log: EventLog, world_size: int) -> None:
                              f"processes ({world_size}): each rank takes an equal slice of a global batch")
 
 
-def _prepare_work(work: Path, ctx: DistContext, resume: bool, config_hash: str) -> dict | None:
+def _prepare_work(work: Path, ctx: DistContext, resume: bool, config_hash: str,
+                  config_yaml: str | None = None) -> dict | None:
     """Fresh work folder, or the latest checkpoint's record when resuming (same config only)."""
     latest, error = None, None
     if ctx.rank == 0:
         run = work / "run.json"
         if resume and run.is_file():
             latest = Checkpointer(work / "checkpoints").latest()
-            old = json.loads(run.read_text())["config_hash"]
-            if latest is not None and old != config_hash:
-                error = (f"{work} holds a checkpoint of a different config ({old} != {config_hash}); "
-                         "run without --resume to start over")
+            record = read_json(run)
+            if latest is not None and record.get("config_hash") != config_hash:
+                error = (f"{work} holds a checkpoint of another config ({_changed(record.get('config'), config_yaml)}); "
+                         "rerun with --force to start the FM over (or restore the config to resume)")
         if resume and latest is None:
             print(f"train-fm: no checkpoint in {work}; starting from the beginning", flush=True)
         if latest is None and error is None:
             if work.exists():
                 shutil.rmtree(work)
             work.mkdir(parents=True)
-            run.write_text(json.dumps({"config_hash": config_hash, "world_size": ctx.world_size}))
+            write_json_atomic(run, {"config_hash": config_hash, "world_size": ctx.world_size, "config": config_yaml})
     box = [latest, error]
     if ctx.world_size > 1:  # every rank learns the outcome (and fails together)
         dist.broadcast_object_list(box, src=0)
     if box[1]:
         raise ValueError(box[1])
     return box[0]
+
+
+def _changed(old_yaml: str | None, new_yaml: str | None) -> str:
+    """"changed: key, key" between two resolved configs, over what identifies the FM (seed, data, fm)."""
+    import yaml
+
+    from loopfm.config import changed_keys
+
+    if not old_yaml or not new_yaml:
+        return "its config was not recorded"
+    keys = [k for k in changed_keys(yaml.safe_load(old_yaml), yaml.safe_load(new_yaml))
+            if k.split(".")[0] in ("seed", "data", "fm") and k != "fm.train.max_steps"]
+    return f"changed: {', '.join(keys)}" if keys else "the input files changed"
 
 
 def _train_loop(cfg: TrainConfig, dmp, dense_opt, log: EventLog, builder: BatchBuilder, ckpt: Checkpointer,
@@ -173,8 +187,8 @@ def _train_loop(cfg: TrainConfig, dmp, dense_opt, log: EventLog, builder: BatchB
     G, days = cfg.batch_size, cfg.train_days
     per_day = [num_global_batches(log, d, G) for d in days]
     step = position["step"]
-    bar = tqdm(total=cfg.epochs * sum(per_day) * G, initial=step * G, unit=" ex", unit_scale=True,
-               desc="train-fm", disable=not progress or ctx.rank != 0, smoothing=0.1)
+    bar = progress_bar(total=cfg.epochs * sum(per_day) * G, initial=step * G, unit=" ex", unit_scale=True,
+                       desc="train-fm", enabled=progress and ctx.rank == 0, smoothing=0.1)
     window = torch.zeros(2, device=ctx.device)
     t0, n0 = time.perf_counter(), step
     for epoch in range(position["epoch"], cfg.epochs):
@@ -222,8 +236,8 @@ def refresh_daily(cfg: TrainConfig, dmp, dense_opt, log: EventLog, builder: Batc
     """
     pipeline = TrainPipelineSparseDist(dmp, dense_opt, ctx.device)
     fresh: dict[str, dict[str, float]] = {}
-    bar = tqdm(total=log.num_rows(cfg.refresh_days), unit=" ex", unit_scale=True, desc="refresh-fm",
-               disable=not progress or ctx.rank != 0)
+    bar = progress_bar(total=log.num_rows(cfg.refresh_days), unit=" ex", unit_scale=True, desc="refresh-fm",
+                       enabled=progress and ctx.rank == 0)
     for day in cfg.refresh_days:
         batches = iter_batches(log, [day], cfg.batch_size, builder)
         while True:

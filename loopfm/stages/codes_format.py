@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loopfm.artifacts import MANIFEST, atomic_output, read_manifest, write_manifest
+from loopfm.artifacts import MANIFEST, atomic_output, inside, read_manifest, write_manifest
 
 CODES_DIR = "codes"
 META_COLUMNS = ("example_id", "ts", "day", "label", "user_key", "item_key", "soft_label")
@@ -163,7 +163,7 @@ def stage_files(root: str | Path, day: int, manifest: dict | None = None) -> lis
     manifest = manifest if manifest is not None else read_manifest(root)
     out: list[Path] = []
     for shard in manifest.get("shards", ["."]):
-        out.extend(sorted((root / shard / CODES_DIR / f"day={int(day)}").glob("part-*.parquet")))
+        out.extend(sorted((inside(root, shard) / CODES_DIR / f"day={int(day)}").glob("part-*.parquet")))
     return out
 
 
@@ -267,46 +267,3 @@ def hash_config(cfg: Any, *upstream: str) -> str:
     """A stable hash of a config dataclass plus the config hashes of the stage's inputs."""
     data = {"cfg": dataclasses.asdict(cfg), "upstream": list(upstream)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# -- fabricated extract outputs, for tests and benchmarks ----------------------------------------
-def fabricate_extract(event_log: str | Path, out: str | Path, *, dim: int = 16, kind: str = "codes",
-                      seed: int = 0, days: Sequence[int] | None = None, rows_per_part: int = 1 << 20) -> dict:
-    """An extract output for an event log, with random codes instead of an FM (tests, benchmarks).
-
-    ``kind="codes"``: tanh(N(0, 1.5²)) codes, bunched near ±1 like a trained tanh encoder's.
-    ``kind="raw"``: unbounded activations with a decaying spectrum (for the PCA path).
-    ``kind="soft_label"``: the 1-d code 2p - 1 of the random soft labels (``dim`` must be 1).
-    """
-    from loopfm.data.eventlog import EventLog
-
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if kind == "soft_label" and dim != 1:
-        raise ValueError(f"kind='soft_label' codes are 1-d, got dim={dim}")
-    log = EventLog(event_log)
-    days = list(days) if days is not None else log.days
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(dim, dim)) * (0.7 ** np.arange(dim))[:, None]
-    rows_per_day = {}
-    with atomic_output(out) as tmp:
-        for day in days:
-            t = log.read([day], ["example_id", "ts", "day", "label", log.schema.user_key, log.schema.item_key])
-            n = t.num_rows
-            meta = {c: t.column(c).to_numpy() for c in ("example_id", "ts", "day", "label")}
-            meta["user_key"] = t.column(log.schema.user_key).to_numpy()
-            meta["item_key"] = t.column(log.schema.item_key).to_numpy()
-            meta["soft_label"] = rng.random(n, dtype=np.float32)
-            g = rng.normal(size=(n, dim))
-            z = np.tanh(1.5 * g) if kind == "codes" else 3.0 * (g @ mix) + 0.5
-            if kind == "soft_label":
-                z = 2.0 * meta["soft_label"][:, None] - 1.0
-            for part, s in enumerate(range(0, max(n, 1), rows_per_part)):
-                write_codes(tmp, day, part, {k: v[s:s + rows_per_part] for k, v in meta.items()},
-                            z[s:s + rows_per_part])
-            rows_per_day[str(day)] = n
-        return write_manifest(tmp, stage="extract", config_hash=f"fabricated-{seed}", dim=dim, kind=kind,
-                              taps=["fabricated"], rows_per_day=rows_per_day,
-                              user_key=log.schema.user_key, item_key=log.schema.item_key,
-                              key_vocab_size={"user_key": log.schema.feature(log.schema.user_key).vocab_size,
-                                              "item_key": log.schema.feature(log.schema.item_key).vocab_size})

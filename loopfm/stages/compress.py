@@ -44,10 +44,10 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
+from loopfm.progress import progress_bar
 
 from kernels.packing import pack_int4, quantize_uniform_int4, unpack_int4
-from loopfm.artifacts import read_manifest, write_manifest
+from loopfm.artifacts import inside, read_manifest, write_manifest
 from loopfm.stages import codes_format as cf
 
 Quantizer = Literal["fp16", "int8", "int4", "int4-kmeans"]
@@ -70,7 +70,8 @@ class CompressConfig:
     scale_quantile: float = field(default=0.999, metadata={
         "help": "raw input: each projected dim is divided by this quantile of |value| and clipped to [-1,1]"})
     fit_days: list[int] = field(default_factory=list, metadata={
-        "help": "days whose codes fit k-means / the projection; empty = every extract day but the last"})
+        "help": "days whose codes fit k-means / the projection; empty = every extract day but the test day "
+                "(vm.test_day; the last extract day when run alone)"})
     fit_rows: int = field(default=200_000, metadata={"help": "rows sampled from the fit days"})
     seed: int = field(default=0, metadata={"help": "seeds the fit sample and the random projection"})
 
@@ -239,14 +240,16 @@ def fit_projection(x: np.ndarray, dim: int, method: str, quantile: float, seed: 
 
 # -- the stage -----------------------------------------------------------------------------------
 def run_compress(cfg: CompressConfig, extract_dir: str | Path, out_dir: str | Path, *, rank: int = 0,
-                 world_size: int = 1, progress: bool = True, config_hash: str | None = None) -> dict:
+                 world_size: int = 1, progress: bool = True, config_hash: str | None = None,
+                 test_day: int | None = None) -> dict:
     """Quantize the extract output into ``out_dir``; returns the top manifest when this call completed
-    the output, else this rank's shard manifest. Every rank fits the same quantizer (same sample)."""
+    the output, else this rank's shard manifest. Every rank fits the same quantizer (same sample).
+    ``test_day``: the VM's test day, never a fit day (default: the last extract day)."""
     cf.check_rank(rank, world_size)
     extract_dir, out_dir = Path(extract_dir), Path(out_dir)
     src = read_manifest(extract_dir)
     cf.check_extract_manifest(src, extract_dir)
-    dim, projection, fit_days = _resolve(cfg, src)
+    dim, projection, fit_days = _resolve(cfg, src, test_day)
     config_hash = config_hash or cf.hash_config(cfg, src.get("config_hash", ""))
     sample = _fit_sample(extract_dir, src, fit_days, cfg.fit_rows, cfg.seed)
     proj = None if projection == "none" else fit_projection(sample, dim, projection, cfg.scale_quantile, cfg.seed)
@@ -275,7 +278,7 @@ def run_compress(cfg: CompressConfig, extract_dir: str | Path, out_dir: str | Pa
     return top or manifest
 
 
-def _resolve(cfg: CompressConfig, src: dict) -> tuple[int, str, list[int]]:
+def _resolve(cfg: CompressConfig, src: dict, test_day: int | None = None) -> tuple[int, str, list[int]]:
     """dim, projection method and fit days for this extract output, or a ValueError saying why not."""
     source_dim, kind, days = int(src["dim"]), src["kind"], cf.stage_days(src)
     dim = cfg.dim or source_dim
@@ -289,7 +292,8 @@ def _resolve(cfg: CompressConfig, src: dict) -> tuple[int, str, list[int]]:
     if dim % 2 and cfg.quantizer.startswith("int4"):
         raise ValueError(f"the extract codes are {dim}-d (odd); INT4 packs two codes per byte: use "
                          "compress.quantizer fp16 or int8 (e.g. for extract.kind=soft_label)")
-    fit_days = list(cfg.fit_days) or (days[:-1] if len(days) > 1 else days)
+    held_out = days[-1] if test_day is None else test_day
+    fit_days = list(cfg.fit_days) or ([d for d in days if d != held_out] if len(days) > 1 else days)
     missing = sorted(set(fit_days) - set(days))
     if missing:
         raise ValueError(f"compress.fit_days {missing} are not extract days {days}")
@@ -300,7 +304,7 @@ def _compress_files(files, days, spec: QuantSpec, proj, tmp: Path, progress: boo
     """Encode and write this rank's files (one output part per input part); rows, bytes, errors."""
     rows_per_day = {str(d): 0 for d in days}
     sq, mx, n_vals, nbytes = 0.0, 0.0, 0, 0
-    for day, part, path in tqdm(files, desc=f"compress[{rank}]", disable=not progress, unit="file"):
+    for day, part, path in progress_bar(files, desc=f"compress[{rank}]", enabled=progress, unit="file"):
         table = pq.read_table(path)
         z = cf.z_from_arrow(table.column(cf.Z_COLUMN))
         zr = proj(z) if proj is not None else z[:, :spec.dim].astype(np.float32)
@@ -384,7 +388,7 @@ def load_spec(compress_dir: str | Path) -> QuantSpec:
 def load_projection(compress_dir: str | Path) -> Projection | None:
     m = read_manifest(compress_dir)
     p = m.get("projection")
-    return None if p is None else Projection.load(Path(compress_dir) / p["dir"], p["method"])
+    return None if p is None else Projection.load(inside(compress_dir, p["dir"]), p["method"])
 
 
 __all__ = ["CompressConfig", "QuantSpec", "Projection", "run_compress", "encode", "decode", "kmeans_assign",

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm import tqdm
+from loopfm.progress import progress_bar
 
 from loopfm.artifacts import read_manifest, write_manifest
 from loopfm.stages import codes_format as cf
@@ -85,8 +85,8 @@ def run_extract(cfg: ExtractConfig, run_dir: str | Path, out_dir: str | Path, *,
     rows_per_day: dict[str, int] = {}
     sums: dict[str, dict] = {}
     with cf.shard_output(out_dir, rank, world_size) as tmp:
-        bar = tqdm(total=log.num_rows(cfg.days), desc=f"extract[{rank}]", unit=" ex", unit_scale=True,
-                   disable=not progress)
+        bar = progress_bar(total=log.num_rows(cfg.days), desc=f"extract[{rank}]", unit=" ex", unit_scale=True,
+                           enabled=progress)
         for day in cfg.days:
             model = fixed if as_of[str(day)] is None else load_trained_fm(run_dir, as_of[str(day)])[0]
             parts: list[tuple[dict, np.ndarray]] = []

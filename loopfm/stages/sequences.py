@@ -60,9 +60,9 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
+from loopfm.progress import progress_bar
 
-from loopfm.artifacts import MANIFEST, read_manifest, write_manifest
+from loopfm.artifacts import MANIFEST, inside, read_manifest, write_manifest
 from loopfm.stages import codes_format as cf
 
 KeyKind = Literal["user", "item"]
@@ -227,7 +227,7 @@ def run_build_sequences(cfg: SequencesConfig, compress_dir: str | Path, out_dir:
     facts["day_min_ts"] = _day_min_ts(cols, example_days, old_m)
     cutoff = min(facts["day_min_ts"].values()) - cfg.window_s if facts["day_min_ts"] else None
     with cf.shard_output(out_dir, rank, world_size) as tmp:
-        for kind in tqdm(cfg.keys, desc=f"build-sequences[{rank}]", disable=not progress):
+        for kind in progress_bar(cfg.keys, desc=f"build-sequences[{rank}]", enabled=progress):
             mine = np.flatnonzero(cf.shard_of(cols[f"{kind}_key"], world_size) == rank) if world_size > 1 else None
             sub = {c: (v if mine is None else v[mine]) for c, v in cols.items()}
             sub["key"] = sub[f"{kind}_key"]
@@ -481,7 +481,7 @@ class SequenceReader:
             raise ValueError(f"{seq_dir}: no example day(s) {bad}; days are {self.manifest['days']}")
         ts, eid, codes, ex, base = [], [], [], [], 0
         for shard in self.manifest.get("shards", ["."]):
-            folder = self.root / shard / self.kind
+            folder = inside(self.root, shard) / self.kind
             t = pq.read_table(folder / "timeline.parquet", columns=["ts", "example_id", cf.CODE_COLUMN])
             ts.append(t.column("ts").to_numpy())
             eid.append(t.column("example_id").to_numpy())
@@ -585,7 +585,7 @@ def show_sequence(seq_dir: str | Path, example_id: int, key: str | None = None) 
     if kind not in m["keys"]:
         raise ValueError(f"{seq_dir} has timelines for {m['keys']}, not {kind!r}")
     for shard in m.get("shards", ["."]):
-        folder = seq_dir / shard / kind
+        folder = inside(seq_dir, shard) / kind
         for d in m["days"]:
             e = pq.read_table(folder / "examples" / f"day={d}.parquet", filters=[("example_id", "=", int(example_id))])
             if e.num_rows:

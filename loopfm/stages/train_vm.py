@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
+from loopfm.progress import progress_bar, write
 
 from loopfm.artifacts import atomic_output, read_manifest, write_manifest
 from loopfm.vm.kd import TABLE1_VARIANTS, VARIANTS, KDConfig, uses_current_code, variant_flags
@@ -92,7 +92,7 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
     torch.set_num_threads(cfg.threads)
     jobs = [(m, v, s) for m in cfg.models for v in cfg.variants for s in range(cfg.seeds)]
     try:
-        for model, variant, seed in tqdm(jobs, desc="train-vm", unit=" run", disable=not progress):
+        for model, variant, seed in progress_bar(jobs, desc="train-vm", unit=" run", enabled=progress):
             start = time.perf_counter()
             name = f"{model}/{variant}/{seed}"
             result = run_vm(dataclasses.replace(cfg.model, model=model),
@@ -103,7 +103,7 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
                          "steps": result.steps, "train_loss": result.train_loss,
                          "seconds": time.perf_counter() - start})
             if progress:
-                tqdm.write(f"  {name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
+                write(f"  {name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
     finally:
         torch.set_num_threads(threads)
     with atomic_output(out_dir) as tmp:

@@ -172,7 +172,7 @@ def _train_grid(cfg: LoopFMConfig, models: list[str], schema, train: list, valid
     """One run per (point or reference, model, seed): ``{"point", "model", "seed", "metrics"}``,
     ``point`` = (alpha, gamma, beta), or None for the no-KD reference (run first)."""
     import torch
-    from tqdm import tqdm
+    from loopfm.progress import progress_bar, write
 
     from loopfm.vm.train import run_vm
 
@@ -183,7 +183,7 @@ def _train_grid(cfg: LoopFMConfig, models: list[str], schema, train: list, valid
     threads = torch.get_num_threads()
     torch.set_num_threads(vm.threads)
     try:
-        for point, model, seed in tqdm(jobs, desc="tune-kd", unit=" run", disable=not progress):
+        for point, model, seed in progress_bar(jobs, desc="tune-kd", unit=" run", enabled=progress):
             variant, kd = REFERENCE[t.variant], vm.kd
             if point is not None:
                 variant, kd = t.variant, dataclasses.replace(vm.kd, alpha=point[0], gamma=point[1], beta=point[2])
@@ -193,7 +193,7 @@ def _train_grid(cfg: LoopFMConfig, models: list[str], schema, train: list, valid
                             variant=variant)
             runs.append({"point": point, "model": model, "seed": seed, "metrics": result.metrics})
             if progress:
-                tqdm.write(f"  {name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
+                write(f"  {name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
     finally:
         torch.set_num_threads(threads)
     return runs

@@ -20,6 +20,7 @@ from loopfm.data.eventlog import EventLog
 from loopfm.data.prepare import prepare
 from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
+from loopfm.lock import run_lock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -189,6 +190,9 @@ def test_killed_prepare_leaves_no_success_and_is_cleaned_up(tmp_path):
     assert not (tmp_path / "o").exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(".o.tmp-")
-    prepare(ToySource(), tmp_path / "o", config_hash="h", progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+    prepare(ToySource(), tmp_path / "o", config_hash="h", progress=False)  # no lock: temps are not ours to clean
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp-")]) == 1
+    with run_lock(tmp_path):  # the run folder's lock holder removes them
+        prepare(ToySource(), tmp_path / "o", config_hash="h", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "o"]
     assert (tmp_path / "o" / "_SUCCESS").is_file()

@@ -9,7 +9,7 @@ from loopfm.artifacts import MANIFEST, read_manifest
 from loopfm.stages import codes_format as cf
 from loopfm.stages import compress as cp
 from loopfm.stages.compress import CompressConfig, QuantSpec, decode, encode, run_compress
-from tests.stages.util import toy_event_log
+from tests.stages.util import fabricate_extract, toy_event_log
 
 
 def _tanh_codes(n=4000, d=16, seed=0):
@@ -75,8 +75,8 @@ def test_kmeans_levels_never_worse_than_uniform_even_on_narrow_codes():
 def extract(tmp_path_factory):
     root = tmp_path_factory.mktemp("cx")
     log = toy_event_log(root)
-    cf.fabricate_extract(log, root / "extract", dim=16, seed=2, rows_per_part=100)
-    cf.fabricate_extract(log, root / "raw", dim=24, kind="raw", seed=3)
+    fabricate_extract(log, root / "extract", dim=16, seed=2, rows_per_part=100)
+    fabricate_extract(log, root / "raw", dim=24, kind="raw", seed=3)
     return root
 
 

@@ -17,11 +17,11 @@ from loopfm.artifacts import MANIFEST, read_manifest
 from loopfm.data.eventlog import EventLog
 from loopfm.stages import codes_format as cf
 from loopfm.stages import sequences as seq
-from loopfm.stages.codes_format import fabricate_extract
+
 from loopfm.stages.compress import CompressConfig, run_compress
 from loopfm.stages.sequences import (SequenceReader, SequencesConfig, build_offsets, query_offsets,
                                      run_build_sequences, show_sequence)
-from tests.stages.util import brute_force, make_compress, toy_event_log
+from tests.stages.util import brute_force, fabricate_extract, make_compress, toy_event_log
 
 DAY = 86_400
 REPO = Path(__file__).resolve().parents[2]

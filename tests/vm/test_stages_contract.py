@@ -15,7 +15,7 @@ from loopfm.vm import (KDConfig, VMModelConfig, VMTrainConfig, attach_sequence, 
                        run_vm)
 
 stages = pytest.importorskip("loopfm.stages.sequences")
-from loopfm.stages import codes_format as cf  # noqa: E402
+from tests.stages.util import fabricate_extract  # noqa: E402
 from loopfm.stages.compress import CompressConfig, decode, run_compress  # noqa: E402
 from loopfm.stages.sequences import SequenceReader, SequencesConfig, run_build_sequences  # noqa: E402
 
@@ -23,7 +23,7 @@ from loopfm.stages.sequences import SequenceReader, SequencesConfig, run_build_s
 @pytest.fixture(scope="module")
 def pipeline(ml_log, tmp_path_factory):
     root = tmp_path_factory.mktemp("vm_stages")
-    cf.fabricate_extract(ml_log.root, root / "extract", dim=8, seed=0, days=[5, 6, 7, 8])
+    fabricate_extract(ml_log.root, root / "extract", dim=8, seed=0, days=[5, 6, 7, 8])
     out = {}
     for q in ("int4", "fp16"):
         run_compress(CompressConfig(quantizer=q), root / "extract", root / f"compress_{q}", progress=False)
