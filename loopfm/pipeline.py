@@ -91,6 +91,7 @@ def run_prepare(cfg: LoopFMConfig, out: Path, *, force: bool, progress: bool) ->
         return read_manifest(out), False
     source = build_source(cfg.data, seed=cfg.seed)
     manifest = prepare(source, out, min_count=cfg.data.min_count, config_hash=key,
+                       allow_any_time=cfg.data.allow_any_time,
                        config_yaml=config_yaml(cfg), progress=progress)
     return manifest, True
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,14 +42,18 @@ EVENT_COLUMNS = ("example_id", "ts", "day", "label")
 
 
 def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_hash: str,
-            config_yaml: str | None = None, progress: bool = True) -> dict:
-    """Run the three passes and return the manifest written to ``OUT/_SUCCESS``."""
+            config_yaml: str | None = None, progress: bool = True, allow_any_time: bool = False) -> dict:
+    """Run the three passes and return the manifest written to ``OUT/_SUCCESS``.
+
+    Timestamps outside [1990-01-01, now + 1 day] are refused (a unit or zone mistake would
+    otherwise become thousands of calendar days) unless ``allow_any_time``."""
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     info = source.info()
     _check_info(info)
+    time_range = None if allow_any_time else plausible_time_range()
     with atomic_output(out) as tmp:
-        staged, ts, counters = _stage(source, info, tmp / "_staging", progress)
+        staged, ts, counters = _stage(source, info, tmp / "_staging", progress, time_range)
         order = np.argsort(ts, kind="stable")  # (ts, input order)
         example_id = np.empty(len(ts), dtype=np.int64)
         example_id[order] = np.arange(len(ts), dtype=np.int64)
@@ -61,7 +67,8 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
         schema = Schema(dataset=info.dataset, user_key=info.user_key, item_key=info.item_key,
                         num_days=int(day.max()), features=features)
         in_order = bool(np.all(order[1:] > order[:-1]))
-        rows_per_day = _write_events(staged, example_id, day, schema, vocabs, tmp, in_order, progress)
+        rows_per_day, positives = _write_events(staged, example_id, day, schema, vocabs, tmp, in_order, progress)
+        one_class = _warn_one_class_days(rows_per_day, positives)
         shutil.rmtree(tmp / "_staging")
         schema.save(tmp / "schema.json")
         if config_yaml is not None:
@@ -70,6 +77,7 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
             tmp, stage="prepare", config_hash=config_hash, dataset=info.dataset,
             rows=int(len(ts)), rows_per_day={str(k): v for k, v in rows_per_day.items()},
             skipped_rows=dict(getattr(source, "skipped", {}) or {}), min_count=min_count,
+            positives_per_day={str(k): v for k, v in positives.items()}, one_class_days=one_class,
         )
 
 
@@ -83,7 +91,37 @@ def _check_info(info: SourceInfo) -> None:
             raise ValueError(f"feature {f.name!r} shares vocabulary {f.vocab!r}, which is no feature")
 
 
-def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool):
+def plausible_time_range() -> tuple[int, int]:
+    """[1990-01-01, now + 1 day] in unix seconds: what a logged impression's timestamp can be."""
+    return int(datetime(1990, 1, 1, tzinfo=timezone.utc).timestamp()), int(time.time()) + 86_400
+
+
+def _check_time_range(ts: np.ndarray, time_range: tuple[int, int] | None, source: RawSource,
+                      info: SourceInfo, offset: int) -> None:
+    if time_range is None or not len(ts):
+        return
+    bad = (ts < time_range[0]) | (ts > time_range[1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        when = datetime.fromtimestamp(int(ts[i]), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") \
+            if -62_135_596_800 <= ts[i] <= 253_402_300_799 else "out of the calendar"
+        column = getattr(getattr(getattr(source, "schema", None), "timestamp", None), "column", "ts")
+        raise DataError(f"data row {offset + i + 1} (in input order) has timestamp {int(ts[i])} ({when} UTC), "
+                        "outside [1990-01-01, now + 1 day]: a wrong unit or zone? Set data.allow_any_time=true "
+                        "to accept it", file=getattr(source, "path", None), column=column)
+
+
+def _warn_one_class_days(rows: dict[int, int], positives: dict[int, int]) -> list[int]:
+    """Days whose labels are all 0 or all 1: AUC is undefined there (a warning, not an error)."""
+    days = [d for d, n in rows.items() if positives.get(d, 0) in (0, n)]
+    for d in days:
+        print(f"warning: day {d} has one class only ({rows[d]} rows, all labels "
+              f"{1 if positives.get(d, 0) else 0}): AUC and NE are undefined on it", file=sys.stderr)
+    return days
+
+
+def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool,
+           time_range: tuple[int, int] | None = None):
     staging.mkdir()
     counters: dict[str, VocabCounter] = {}
     staged: list[tuple[Path, int, int]] = []
@@ -94,6 +132,7 @@ def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool):
         if not counters:  # the first chunk fixes each vocabulary's key type
             counters = {name: VocabCounter(t) for name, t in _key_types(chunk, info).items()}
         chunk = _normalise(chunk, info, offset, {n: c.key_type for n, c in counters.items()})
+        _check_time_range(chunk.column("ts").to_numpy(), time_range, source, info, offset)
         for f in info.features:
             if f.kind == "categorical":
                 counters[f.vocab_name].update(chunk.column(f.name))
@@ -217,6 +256,7 @@ def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: 
     events = tmp / "events"
     target = events if in_order else tmp / "_unsorted"
     rows_per_day: dict[int, int] = {}
+    positives: dict[int, int] = {}
     part_no: dict[int, int] = {}
     for path, off, n in progress_bar(staged, desc="prepare: encode", unit=" chunk", enabled=progress):
         table = _encode_chunk(pq.read_table(path), example_id[off:off + n], day[off:off + n],
@@ -230,6 +270,7 @@ def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: 
             pq.write_table(sub, folder / f"part-{k:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
             part_no[int(d)] = k + 1
             rows_per_day[int(d)] = rows_per_day.get(int(d), 0) + sub.num_rows
+            positives[int(d)] = positives.get(int(d), 0) + int(pc.sum(sub.column("label")).as_py() or 0)
     if not in_order:
         for d in progress_bar(sorted(rows_per_day), desc="prepare: sort days", enabled=progress):
             folder = target / f"day={d}"
@@ -238,4 +279,4 @@ def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: 
             pq.write_table(table.sort_by("example_id"), events / f"day={d}" / "part-00000.parquet",
                            row_group_size=ROW_GROUP_ROWS)
         shutil.rmtree(target)
-    return dict(sorted(rows_per_day.items()))
+    return dict(sorted(rows_per_day.items())), positives

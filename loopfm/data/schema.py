@@ -34,6 +34,10 @@ class FeatureSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if not self.name.isidentifier():  # names become file names (vocab/<name>.parquet) and columns
+            raise ValueError(f"feature name {self.name!r} must be an identifier (letters, digits, _)")
+        if self.vocab is not None and not self.vocab.isidentifier():
+            raise ValueError(f"feature {self.name!r}: vocabulary name {self.vocab!r} must be an identifier")
         if self.kind not in KINDS:
             raise ValueError(f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.role not in ROLES:

@@ -26,6 +26,8 @@ class DataConfig:
         "help": "values seen fewer times (over all days) map to the out-of-vocabulary id"})
     chunk_rows: int = field(default=250_000, metadata={
         "help": "rows read per chunk: bounds memory (about 1 GB per 250k rows with 3 x 50-long histories)"})
+    allow_any_time: bool = field(default=False, metadata={
+        "help": "accept timestamps outside [1990-01-01, now + 1 day] (refused by default: a wrong unit or zone)"})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
     taobao_raw: TaobaoRawConfig = field(default_factory=TaobaoRawConfig)

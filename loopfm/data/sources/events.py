@@ -244,6 +244,10 @@ class _Reader:
         return float(value)
 
 
+def _identifier(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_") or "feature"
+
+
 def _zone(reader: _Reader, key: str, default: str) -> str:
     tz = reader.str(key, default)
     try:
@@ -327,6 +331,8 @@ def parse_schema(raw: Any, *, input_path: str, schema_file: str = "") -> EventsS
     for i, fr_raw in enumerate(feats_raw):
         fr = _Reader(fr_raw, f"features[{i}]", feature_keys, schema_file)
         name = fr.str("name")
+        if not name.isidentifier():  # a feature name becomes a file name: no paths, no spaces
+            raise fr.fail("name", f"{name!r} is not an identifier (letters, digits, _; e.g. {_identifier(name)!r})")
         kind = fr.choice("kind", KINDS)
         column = fr.str("column", name)
         default_role = "user" if column == user else "item" if column == item else "context"
