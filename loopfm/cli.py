@@ -364,7 +364,11 @@ def _check_config(args: argparse.Namespace) -> None:
     """The whole config and its day protocol, before anything is written (sweep checks each point)."""
     from loopfm.protocol import check_protocol
 
-    if args.command != "sweep" and hasattr(args, "run_folder"):
+    if args.command == "sweep":
+        from loopfm.sweep import check_sweep
+
+        check_sweep(*_config_and_overrides(args), args.param)
+    elif hasattr(args, "run_folder"):
         extra = _source_overrides(args) if args.command == "prepare" else []
         check_protocol(_load(args, extra), tune_kd=args.command == "tune-kd")
 

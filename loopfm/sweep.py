@@ -99,6 +99,12 @@ def _load_points(config_path: str | Path | None, overrides: Sequence[str], key: 
     return points
 
 
+def check_sweep(config_path: str | Path | None, overrides: Sequence[str], param: str) -> None:
+    """The --param text and every point's config (day protocol included), before anything is written."""
+    key, labels = parse_param(param)
+    _load_points(config_path, overrides, key, labels)
+
+
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()

@@ -109,7 +109,7 @@ def test_same_seed_same_numbers_and_rerun_is_skipped(run_dir, capsys):
     (["tune_kd.train_days=[5,8]", "tune_kd.valid_day=9"], "must not use the test day"),
     (["tune_kd.alpha=[]"], "at least one value"),
     (["tune_kd.gamma=[-1]"], ">= 0"),
-    (["tune_kd.train_days=[3,4]", "tune_kd.valid_day=5"], "extract.days"),
+    (["tune_kd.train_days=[3,4]", "tune_kd.valid_day=5"], "after the FM training days"),
     (["vm.kd.mode=soft_label"], "aux_head"),
     (["tune_kd.models=[nope]"], "tune_kd.models"),
 ])
