@@ -370,7 +370,14 @@ def _check_config(args: argparse.Namespace) -> None:
         check_sweep(*_config_and_overrides(args), args.param)
     elif hasattr(args, "run_folder"):
         extra = _source_overrides(args) if args.command == "prepare" else []
-        check_protocol(_load(args, extra), tune_kd=args.command == "tune-kd")
+        cfg = _load(args, extra)
+        check_protocol(cfg, tune_kd=args.command == "tune-kd")
+        data = Path(args.out) / "data"
+        if args.command not in ("prepare", "run") and (data / "_SUCCESS").is_file():
+            from loopfm.artifacts import read_manifest
+            from loopfm.protocol import check_days_in_log
+
+            check_days_in_log(cfg, [int(d) for d in read_manifest(data)["rows_per_day"]], str(data))
 
 
 def main(argv: list[str] | None = None) -> int:

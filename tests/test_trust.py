@@ -243,8 +243,8 @@ def test_a_changed_config_after_a_killed_fm_names_the_keys_and_force_starts_over
     assert _run(run, *changed) == 2
     line = _one_line(capsys.readouterr().err)
     assert "changed: fm.model.dropout, fm.optimizer.dense_lr)" in line and "--force" in line, line
-    assert main(["train-fm", CONFIG, "--out", str(run), "--quiet", "--force", *TINY, *changed]) == 0
-    assert (run / "fm" / "_SUCCESS").is_file()
+    assert _run(run, *changed, "--force") == 0
+    assert json.loads((run / "fm" / "_SUCCESS").read_text())["steps"] > 2 and not (run / "fm.work").exists()
 
 
 # -- 7. errors: one line, exit 2; Ctrl-C 130; tracebacks only with --debug ------------------------------
