@@ -22,7 +22,7 @@ from loopfm.config import ConfigError, load_config
 from loopfm.experiment import LoopFMConfig
 from loopfm.data.errors import DataError
 from loopfm.launch import add_launch_parser
-from loopfm.lock import RunLocked
+from loopfm.lock import RunLocked, run_lock
 from loopfm.pipeline import STAGES
 
 # Errors of the user's making (config, data, manifests, a busy run folder): one line, exit 2.
@@ -391,8 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from loopfm.lock import run_lock
-
     try:
         _check_config(args)
         folder = args.run_folder(args) if hasattr(args, "run_folder") else None

@@ -10,8 +10,10 @@
 
 A stage's hash covers its own config section and the hash of the stage before it, so changing
 ``fm.*`` reruns train-fm and everything after it, while ``vm.*`` reruns only train-vm and report.
-A stage whose ``_SUCCESS`` carries the same hash is skipped; a killed stage left no ``_SUCCESS``
-and is run again (train-fm resumes from its last checkpoint).
+A stage whose ``_SUCCESS`` carries the same hash and whose files all match its file list is
+skipped; a damaged one is redone; a killed stage left no ``_SUCCESS`` and is run again (train-fm
+resumes from its last checkpoint, or starts over with ``force``). `loopfm.protocol` checks the
+days of every section against each other before the first stage.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ int4-kmeans    u = nearest of 16 levels fitted by 1-D      dim / 2          data
 
 INT4 codes are packed two per byte with `kernels.packing.pack_int4` (low nibble = even dimension),
 the layout the dequant-and-attend kernel reads. k-means levels are fitted on a sample of the fit
-days (``fit_days``, by default every extract day but the last, so the VM's evaluation day is never
-used), either one 16-level table shared by all dimensions (what the kernel takes) or one per
+days (``fit_days``, by default every extract day but the VM's test day -- the ``test_day`` argument,
+the last extract day when run alone -- so the test day is never used), either one 16-level table shared by all dimensions (what the kernel takes) or one per
 dimension (``kmeans_tables: per-dim``; decode with `decode`). The fit starts from the uniform grid
 and from quantiles and keeps the better, so on the fit sample it is never worse than uniform INT4.
 
