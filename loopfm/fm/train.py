@@ -70,7 +70,7 @@ def train_fm(cfg: FMConfig, data_dir: str | Path, out_dir: str | Path, *, seed: 
         plan = json.loads((work / "plan.json").read_text()) if latest else None
         dmp = parallelize(model, cfg.parallel, cfg.optimizer, ctx.device, plan=plan)  # 3. plan + DMP
         if ctx.rank == 0 and plan is None:
-            (work / "plan.json").write_text(json.dumps(plan_to_json(dmp), indent=1))
+            write_json_atomic(work / "plan.json", plan_to_json(dmp), indent=1)
         dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
         dense_opt = torch.optim.Adam(dense_params, lr=cfg.optimizer.dense_lr)  # 4. optimizers
         torch.manual_seed(seed + 1 + ctx.rank)  # per-rank stream (dropout); checkpointed
