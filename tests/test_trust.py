@@ -304,12 +304,27 @@ def test_a_feature_name_that_is_a_path_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("ts", [-100, 4_102_444_800])  # 1969, 2100
 def test_implausible_timestamps_are_refused_unless_allowed(tmp_path, capsys, ts):
+    """The events source names the file line (header = line 1); other sources are checked by prepare."""
     rows = [*GOOD_ROWS[:10], f"{ts},1,2,0,r1", *GOOD_ROWS[10:]]
     assert main(_events(tmp_path, rows)) == 2
     line = _one_line(capsys.readouterr().err)
-    assert str(tmp_path / "events.csv") in line and "data row 11 " in line and "column 'ts'" in line, line
+    assert f"{tmp_path / 'events.csv'}, row 12, column 'ts': timestamp '{ts}' is outside" in line, line
     assert "data.allow_any_time=true" in line and not (tmp_path / "run" / "data").exists()
     assert main([*_events(tmp_path, rows), "data.allow_any_time=true"]) == 0
+
+
+def test_prepare_checks_the_time_range_of_every_source(tmp_path):
+    import numpy as np
+
+    from loopfm.data.errors import DataError
+    from loopfm.data.prepare import prepare
+    from tests.data.test_prepare import ToySource
+
+    ts = np.arange(100) * 600 + 1_700_000_000
+    ts[42] = 0
+    with pytest.raises(DataError, match=r"column 'ts': data row 43 .* outside \[1990-01-01, now \+ 1 day\]"):
+        prepare(ToySource(100, ts=ts), tmp_path / "o", config_hash="h", progress=False)
+    prepare(ToySource(100, ts=ts), tmp_path / "o", config_hash="h", progress=False, allow_any_time=True)
 
 
 def test_a_day_with_one_class_is_a_warning_at_prepare(tmp_path, capsys):

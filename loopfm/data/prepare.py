@@ -52,6 +52,8 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
     info = source.info()
     _check_info(info)
     time_range = None if allow_any_time else plausible_time_range()
+    if time_range is not None and hasattr(source, "time_range"):
+        source.time_range = time_range  # a source that can name the file row refuses such rows itself
     with atomic_output(out) as tmp:
         staged, ts, counters = _stage(source, info, tmp / "_staging", progress, time_range)
         order = np.argsort(ts, kind="stable")  # (ts, input order)

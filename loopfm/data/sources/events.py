@@ -600,6 +600,7 @@ class EventsSource:
             raise DataError("input file not found", file=self.path)
         self.schema = load_schema(cfg.schema, input_path=self.path)
         self.skipped: dict[str, int] = {}
+        self.time_range: tuple[int, int] | None = None  # set by prepare: plausible unix seconds
         self._names = self._file_columns()
         for col in self.schema.input_columns():
             self._need(col)
@@ -703,6 +704,11 @@ class EventsSource:
         tcol = col(s.timestamp.column)
         ts, bad_ts, ts_msg = self._timestamps(tcol)
         problems.append(("bad_timestamp", s.timestamp.column, bad_ts, lambda i: f"{ts_msg}, got {show(tcol, i)}"))
+        if self.time_range is not None:  # refused here so the error names the row
+            odd = ~bad_ts & ((ts < self.time_range[0]) | (ts > self.time_range[1]))
+            problems.append(("bad_timestamp", s.timestamp.column, odd, lambda i: (
+                f"timestamp {show(tcol, i)} is outside [1990-01-01, now + 1 day] (a wrong unit or zone?); "
+                "set data.allow_any_time=true to accept it")))
 
         # label
         if s.label.constant is not None:
