@@ -22,6 +22,7 @@ and TensorBoard scalars in ``DIR/tb/sweep``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ import yaml
 from loopfm.artifacts import is_complete
 from loopfm.config import ConfigError, load_config, to_dict
 from loopfm.experiment import LoopFMConfig
+from loopfm.lock import run_lock
 from loopfm.protocol import check_protocol
 
 METRICS = {"auc": "AUC", "ne": "NE", "logloss": "LogLoss"}
@@ -159,7 +161,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str], out: str
     `ConfigError` before any folder is made.
     """
     from loopfm import report
-    from loopfm.pipeline import run_all, stage_hashes
+    from loopfm.pipeline import stage_hashes
 
     key, labels = parse_param(f"{param}={','.join(values)}")
     points = _load_points(config_path, overrides, key, labels)
@@ -168,6 +170,20 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str], out: str
     summary: dict[str, Any] = {"param": key, "values": [v for _, v, _ in points], "runs": {},
                                **{m: {} for m in METRICS}, "fm": {}, "shared": {}}
     folders = [(label, out / point_folder(key, label), stage_hashes(cfg)) for label, _, cfg in points]
+    with contextlib.ExitStack() as locks:  # the sweep folder and every point's run folder: one writer
+        for folder in [out, *(run_dir for _, run_dir, _ in folders)]:
+            locks.enter_context(run_lock(folder))
+        _run_points(points, folders, summary, key, force=force, progress=progress, echo=echo)
+        report.write_results(out / "sweep.json", summary)
+        write_sweep_report(out, summary)
+        log_sweep_tensorboard(out / "tb", summary)
+    return summary
+
+
+def _run_points(points: list, folders: list, summary: dict[str, Any], key: str, *, force: bool, progress: bool,
+                echo: Callable[[str], None]) -> None:
+    from loopfm.pipeline import run_all
+
     for i, ((label, _, cfg), (_, run_dir, hashes)) in enumerate(zip(points, folders)):
         name = run_dir.name
         run_dir.mkdir(exist_ok=True)
@@ -185,10 +201,6 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str], out: str
             for variant, entry in variants.items():
                 for metric in METRICS:
                     summary[metric].setdefault(model, {}).setdefault(variant, {})[label] = entry.get(metric)
-    report.write_results(out / "sweep.json", summary)
-    write_sweep_report(out, summary)
-    log_sweep_tensorboard(out / "tb", summary)
-    return summary
 
 
 def _by_source(shared: dict[str, str]) -> dict[str, list[str]]:

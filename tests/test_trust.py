@@ -130,6 +130,22 @@ def test_a_second_writer_of_a_run_folder_stops_at_once(tmp_path):
         pass
 
 
+def test_a_sweep_holds_every_point_folder(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    point = sweep / "sequences.window_days=2"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(point)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["sweep", CONFIG, "--out", str(sweep), "--param", "sequences.window_days=2,5", "--quiet",
+                     *TINY]) == 2
+        assert f"pid {holder.pid}" in _one_line(capsys.readouterr().err)
+        assert not (sweep / "sequences.window_days=5" / "data").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_only_the_lock_holder_removes_temp_folders_and_never_a_live_ones(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
