@@ -67,9 +67,10 @@ rows per chunk. Errors are `DataError`s naming file, row and column: for CSV the
 physical 1-based line (header = line 1, blank lines counted); for Parquet the 1-based row.
 Covered: empty file, no data rows, unknown columns (with the nearest column name suggested),
 missing user/item columns, ragged rows (wrong field count), unparsable timestamps, labels
-outside {0,1}, non-numbers in numeric columns. With ``skip_bad_rows`` (off by default) the
-rows with the per-row problems are dropped instead and counted in ``skipped`` by reason
-(``ragged_row``, ``bad_timestamp``, ``bad_label``, ``bad_number``).
+outside {0,1}, non-numbers in numeric columns, timestamps outside [1990-01-01, now + 1 day]
+(unless ``data.allow_any_time``), feature names that are not identifiers. With ``skip_bad_rows``
+(off by default) the rows with the per-row problems are dropped instead and counted in
+``skipped`` by reason (``ragged_row``, ``bad_timestamp``, ``bad_label``, ``bad_number``).
 """
 from __future__ import annotations
 
