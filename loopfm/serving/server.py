@@ -6,7 +6,7 @@
 when the store is down. The handlers are ``async`` and score in the event loop: a request is a
 few milliseconds of CPU, and one process per core is the way to scale.
 """
-from __future__ import annotations
+# (no `from __future__ import annotations`: FastAPI reads the handlers' annotations as objects)
 
 import json
 
