@@ -28,6 +28,7 @@ from loopfm.serving.bundle import Bundle
 from loopfm.serving.store import TimelineStore
 
 MAX_ITEMS = 10_000
+_MISSING = object()  # a feature the request does not give
 
 
 class RequestError(ValueError):
@@ -40,7 +41,6 @@ class Scorer:
             raise ValueError(f"{bundle.manifest['name']} reads LoopFM sequences: it needs a store")
         self.bundle, self.store = bundle, store
         self.user_key, self.item_key = bundle.manifest["user_key"], bundle.manifest["item_key"]
-        self._missing = object()
 
     def check_store(self) -> None:
         """Raise ValueError when the store holds other codes than the bundle reads (StoreUnavailable: down)."""
@@ -80,58 +80,56 @@ class Scorer:
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise RequestError(f"items[{i}] must be an object, got {type(item).__name__}")
-        rows = [self._row(item, shared, i) for i, item in enumerate(items)]
-        return self.score_rows(rows, int(ts))
+        return self._score_items(items, shared, int(ts))
 
-    def _value(self, item: dict, shared: dict, name: str):
-        if name in item:
-            return item[name]
-        if name == self.item_key and "item_id" in item:
-            return item["item_id"]
-        return shared.get(name, self._missing)
+    def _column(self, items: list[dict], shared: dict, name: str) -> list:
+        """The raw values of feature ``name`` over the items (item first, then shared; else missing)."""
+        alias = "item_id" if name == self.item_key else None
+        default = shared.get(name, _MISSING)
+        return [it[name] if name in it else (it[alias] if alias in it else default) for it in items]
 
-    def _row(self, item: dict, shared: dict, i: int) -> dict:
-        b, out = self.bundle, {}
-        for name in b.layout.categorical:
-            raw = self._value(item, shared, name)
-            if isinstance(raw, (dict, list)):
+    def _ids(self, raws: list, name: str) -> list[int]:
+        vocab = self.bundle.vocab_of(name) if name in self.bundle.features else self.bundle.key_vocab
+        ids, oov = vocab.ids, vocab.oov_id
+        out = []
+        for i, raw in enumerate(raws):
+            if raw is _MISSING or raw is None:
+                out.append(oov if raw is _MISSING else ids.get(None, oov))
+            elif isinstance(raw, (dict, list)):
                 raise RequestError(f"items[{i}].{name}: expected one value, got {type(raw).__name__}")
-            out[name] = b.vocab_of(name).oov_id if raw is self._missing else b.vocab_of(name).id_of(raw)
-        for name in b.layout.numeric:
-            raw = self._value(item, shared, name)
-            if raw is self._missing or isinstance(raw, bool) or not isinstance(raw, (int, float)):
-                raise RequestError(f"items[{i}].{name}: a number is required, got "
-                                   f"{'nothing' if raw is self._missing else repr(raw)}")
-            out[name] = float(raw)
-        for name, max_len in b.layout.bags:
-            raw = self._value(item, shared, name)
-            raw = [] if raw is self._missing or raw is None else raw
-            if not isinstance(raw, list):
-                raise RequestError(f"items[{i}].{name}: expected a list of values (newest last)")
-            vocab = b.vocab_of(name)
-            out[name] = [vocab.id_of(v) for v in raw[-max_len:]]
-        key = self._value(item, shared, b.key_feature)
-        out["__key"] = 0 if key is self._missing else b.key_vocab.id_of(key)
+            else:
+                out.append(ids.get(raw if isinstance(raw, str) else str(raw), oov))
         return out
 
-    # -- ids -> scores --------------------------------------------------------------------------------
-    def score_rows(self, rows: list[dict], ts: int) -> dict:
-        """Scores of rows of ids (what `_row` makes) at time ``ts``."""
-        b, n = self.bundle, len(rows)
+    def _score_items(self, items: list[dict], shared: dict, ts: int) -> dict:
+        b, n = self.bundle, len(items)
         lay = b.layout
-        sparse = torch.tensor([[r[c] for c in lay.categorical] for r in rows], dtype=torch.long).reshape(n, -1)
-        dense = torch.tensor([[r[c] for c in lay.numeric] for r in rows], dtype=torch.float32).reshape(n, -1)
-        width = sum(m for _, m in lay.bags)
-        bags = torch.zeros(n, width, dtype=torch.long)
+        sparse = torch.tensor([self._ids(self._column(items, shared, c), c) for c in lay.categorical],
+                              dtype=torch.long).reshape(len(lay.categorical), n).T
+        numeric = []
+        for name in lay.numeric:
+            column = self._column(items, shared, name)
+            for i, raw in enumerate(column):
+                if raw is _MISSING or isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                    raise RequestError(f"items[{i}].{name}: a number is required, got "
+                                       f"{'nothing' if raw is _MISSING else repr(raw)}")
+            numeric.append(column)
+        dense = torch.tensor(numeric, dtype=torch.float32).reshape(len(lay.numeric), n).T
+        bags = torch.zeros(n, sum(m for _, m in lay.bags), dtype=torch.long)
         bag_lengths = torch.zeros(n, len(lay.bags), dtype=torch.int32)
         start = 0
         for j, (name, max_len) in enumerate(lay.bags):
-            for i, r in enumerate(rows):
-                ids = r[name]
+            for i, raw in enumerate(self._column(items, shared, name)):
+                raw = [] if raw is _MISSING or raw is None else raw
+                if not isinstance(raw, list):
+                    raise RequestError(f"items[{i}].{name}: expected a list of values (newest last)")
+                ids = self._ids(raw[-max_len:], name)
                 bags[i, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
                 bag_lengths[i, j] = len(ids)
             start += max_len
-        seq, lengths, deltas, seq_len = self._sequences([r["__key"] for r in rows], ts)
+        raw_keys = self._column(items, shared, b.key_feature)
+        keys = [0 if raw is _MISSING else k for raw, k in zip(raw_keys, self._ids(raw_keys, b.key_feature))]
+        seq, lengths, deltas, seq_len = self._sequences(keys, ts)
         with torch.no_grad():
             scores = b.program(sparse, dense, bags, bag_lengths, seq, lengths, deltas)
         return {"scores": scores.double().tolist(), "sequence_length": seq_len}
