@@ -20,6 +20,7 @@ server is one process with one torch thread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -78,20 +79,29 @@ def _requests(scorer, n_candidates: int, now: int, user_raw) -> dict:
     return {"user": user_raw, "ts": now, "items": [{b.manifest["item_key"]: v, **numeric} for v in items]}
 
 
-def _percentiles(times: list[float]) -> tuple[float, float, float]:
+def _stats(times: list[float], cpu_s: float) -> tuple[float, float, float, float]:
+    """p50 ms, p99 ms, requests/s, CPU ms per request."""
     t = np.asarray(times) * 1000
-    return float(np.percentile(t, 50)), float(np.percentile(t, 99)), float(len(t) / (t.sum() / 1000))
+    return (float(np.percentile(t, 50)), float(np.percentile(t, 99)), float(len(t) / (t.sum() / 1000)),
+            1000 * cpu_s / len(t))
 
 
-def _loop(call, max_requests: int, seconds: float) -> list[float]:
+def _loop(call, max_requests: int, seconds: float, cpu=time.thread_time) -> tuple[list[float], float]:
+    """Wall time of each call, and the CPU seconds ``cpu()`` advanced over all of them."""
     for _ in range(3):  # warm-up
         call()
-    times, deadline = [], time.perf_counter() + seconds
+    times, deadline, cpu0 = [], time.perf_counter() + seconds, cpu()
     while len(times) < max_requests and (len(times) < 20 or time.perf_counter() < deadline):
         t = time.perf_counter()
         call()
         times.append(time.perf_counter() - t)
-    return times
+    return times, cpu() - cpu0
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _http(bundle: Path, url: str, requests: dict, max_requests: int, seconds: float) -> dict:
@@ -120,7 +130,7 @@ def _http(bundle: Path, url: str, requests: dict, max_requests: int, seconds: fl
                 data = json.loads(resp.read())
                 if resp.status != 200 or len(data["scores"]) != n:
                     raise RuntimeError(f"HTTP {resp.status}: {data}")
-            out[n] = _percentiles(_loop(call, max_requests, seconds))
+            out[n] = _stats(*_loop(call, max_requests, seconds, cpu=lambda: _process_cpu(server.pid)))
         return out
     finally:
         server.terminate()
@@ -153,7 +163,10 @@ def main() -> None:
         run = Path(args.run) if args.run else tmp / "run"
         if not args.run:
             print("making a small run (quickstart shapes, few rows) ...", file=sys.stderr)
-            if cli(["run", str(REPO / "configs" / "quickstart.yaml"), "--out", str(run), "--quiet", *SMALL_RUN]):
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is the benchmark's table
+                failed = cli(["run", str(REPO / "configs" / "quickstart.yaml"), "--out", str(run), "--quiet",
+                              *SMALL_RUN])
+            if failed:
                 raise SystemExit("the small run failed")
         urls = {"sqlite": f"sqlite:{tmp / 'timelines.db'}"}
         if redis_url:
@@ -182,10 +195,10 @@ def main() -> None:
                 reqs = {n: _requests(scorer, n, now, user_raw) for n in CANDIDATES}
                 assert scorer.score(reqs[1])["sequence_length"] == L
                 for n, req in reqs.items():
-                    p50, p99, rps = _percentiles(_loop(lambda: scorer.score(req), args.requests, args.seconds))
-                    rows.append((model, backend, "in-process", n, L, p50, p99, rps))
-                for n, (p50, p99, rps) in _http(bundle, url, reqs, args.requests, args.seconds).items():
-                    rows.append((model, backend, "HTTP", n, L, p50, p99, rps))
+                    stats = _stats(*_loop(lambda: scorer.score(req), args.requests, args.seconds))
+                    rows.append((model, backend, "in-process", n, L, *stats))
+                for n, stats in _http(bundle, url, reqs, args.requests, args.seconds).items():
+                    rows.append((model, backend, "HTTP", n, L, *stats))
             store.close()
     finally:
         if redis_proc is not None:
@@ -193,12 +206,14 @@ def main() -> None:
             redis_proc.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nlatency per request, 1 user x N candidates (torch {torch.__version__}, 1 thread, "
-          f"{os.cpu_count()} CPUs on the machine)")
-    print("| model | store | path | candidates | L | p50 ms | p99 ms | requests/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for model, backend, path, n, L, p50, p99, rps in rows:
-        print(f"| {model} | {backend} | {path} | {n} | {L} | {p50:.2f} | {p99:.2f} | {rps:.0f} |")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nlatency per request, 1 user x N candidates (torch {torch.__version__}, 1 thread; "
+          f"{os.cpu_count()} CPUs, load average {load:.1f} at the end)")
+    print("CPU ms: the scoring thread's (in-process) or the server process's (HTTP) CPU time per request")
+    print("| model | store | path | candidates | L | p50 ms | p99 ms | requests/s | CPU ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for model, backend, path, n, L, p50, p99, rps, cpu in rows:
+        print(f"| {model} | {backend} | {path} | {n} | {L} | {p50:.2f} | {p99:.2f} | {rps:.0f} | {cpu:.2f} |")
     print("\nstore size (the run's timelines)")
     print("| store | entries | bytes per event | INT4 code bytes | overhead x |")
     print("|---|---:|---:|---:|---:|")
