@@ -373,16 +373,21 @@ def cmd_store_append(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scorer(args: argparse.Namespace):
+def _scorer(args: argparse.Namespace, *, store_may_be_down: bool = False):
     import torch
 
     from loopfm.serving.bundle import Bundle
     from loopfm.serving.scorer import Scorer
-    from loopfm.serving.store import open_store
+    from loopfm.serving.store import StoreUnavailable, open_store
 
     torch.set_num_threads(args.threads)  # small requests: extra threads only add hand-off latency
     scorer = Scorer(Bundle(args.bundle), open_store(args.store) if args.store else None)
-    scorer.check_store()
+    try:
+        scorer.check_store()
+    except StoreUnavailable as err:
+        if not store_may_be_down:
+            raise
+        print(f"loopfm serve: warning: {err}; answering 503 until the store is back", file=sys.stderr)
     return scorer
 
 
@@ -390,7 +395,7 @@ def _scorer(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from loopfm.serving.server import serve
 
-    scorer = _scorer(args)
+    scorer = _scorer(args, store_may_be_down=True)
     print(f"serving {scorer.bundle.manifest['name']} on http://{args.host}:{args.port} (store {args.store})")
     serve(scorer, args.host, args.port)
     return 0

@@ -4,6 +4,7 @@ Redis server started here; `store append` of day K equals a load of days <= K; t
 answers a real request, rejects malformed ones with 400 and answers 503 when its store is down."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import socket
@@ -28,6 +29,7 @@ TINY = [
     "vm.model.dnn=[16]", "vm.model.attention_mlp=[8]",
 ]
 MODELS = ("deepfm", "dmin")
+_REDIS_DB = itertools.count(1)  # a fresh Redis database number per test
 
 
 def _free_port() -> int:
@@ -84,9 +86,7 @@ def store_url(request, tmp_path):
     """A fresh store URL of each backend (Redis: its own database number per test)."""
     if request.param == "sqlite":
         return f"sqlite:{tmp_path / 'timelines.db'}"
-    base = request.getfixturevalue("redis_server")
-    store_url.db = getattr(store_url, "db", 0) + 1
-    return f"{base}/{store_url.db % 16}"
+    return f"{request.getfixturevalue('redis_server')}/{next(_REDIS_DB) % 16}"
 
 
 def test_export_load_serve_check(tiny_run, bundles, store_url, capsys):
