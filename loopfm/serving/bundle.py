@@ -15,7 +15,7 @@ Bundle layout (written atomically)::
 The exported program takes five tensors, batch dimension dynamic: ``sparse`` long [B, n_cat],
 ``dense`` float [B, n_num], ``bags`` long [B, sum of the bag max_lens] with ``bag_lengths`` int32
 [B, n_bag] (bag features side by side), and the sequence: ``seq`` (uint8 [B, L, code_bytes]
-packed INT4, or float [B, L, d] decoded codes; see `loopfm.codes.stays_packed`), ``seq_lengths``
+packed INT4, or float [B, L, d] decoded codes; see `loopfm.codes.inputs.stays_packed`), ``seq_lengths``
 int32 [B], ``seq_deltas`` float [B, L] (seconds from each entry to the request). It returns the
 served probability [B] (the serving head only, as `VerticalModel.predict`).
 """
@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from loopfm.artifacts import atomic_output, read_manifest, write_manifest
-from loopfm.codes import QuantSpec, stays_packed
+from loopfm.codes.inputs import stays_packed
+from loopfm.codes.quant import QuantSpec
 
 MODEL_FILE = "model.pt2"
 BUNDLE_FORMAT = 1

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopfm.codes import sequence_inputs
+from loopfm.codes.inputs import sequence_inputs
 from loopfm.serving.bundle import Bundle
 from loopfm.serving.store import TimelineStore
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from loopfm.artifacts import read_manifest
 from loopfm.serving.store import TimelineStore
-from loopfm.stages import codes_format as cf
+from loopfm.codes import format as cf
 from loopfm.stages.sequences import entry_mask, open_manifest
 
 

@@ -143,7 +143,7 @@ class VMInputs:
             self.current = _packed_codes(run_dir / "compress", log.num_rows(), self.spec.code_bytes)
 
     def batches(self, days: list[int]) -> list:
-        from loopfm.codes import attach_codes, current_code_values
+        from loopfm.codes.inputs import attach_codes, current_code_values
         from loopfm.vm.batch import iter_vm_batches
 
         out = []
