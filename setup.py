@@ -37,6 +37,9 @@ setup(
         "tqdm",
         "numpy",
         "matplotlib",
+        "fastapi",  # loopfm serve
+        "uvicorn",
+        "redis",  # the Redis timeline store's client
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "triton==3.6.0", "scikit-learn"],

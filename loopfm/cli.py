@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exit 0 when every present stage is intact, 2 otherwise.")
     p.add_argument("run_dir", help="run folder")
     p.set_defaults(func=cmd_verify)
+    _add_serving_parsers(sub)
     add_launch_parser(sub)
     return parser
 
@@ -159,6 +160,56 @@ def _out_folder(args: argparse.Namespace) -> Path | None:
     if getattr(args, "rank", 0) != 0 or int(os.environ.get("RANK", "0")) != 0:
         return None
     return Path(args.out)
+
+
+def _add_serving_parsers(sub) -> None:
+    """export, store load / append, serve, serve-check (`loopfm.serving`)."""
+    store_help = "timeline store: sqlite:PATH (embedded) or redis://HOST:PORT/DB"
+    p = sub.add_parser("export", help="a trained VM as a self-contained serving bundle",
+                       description="Write BUNDLE: the VM of RUN/vm as a torch.export program, the "
+                                   "vocabularies of its features, the code and sequence specs, a manifest.")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--model", required=True, help="VM architecture of the run, e.g. dmin")
+    p.add_argument("--variant", required=True, help="baseline | kd | loopfm | kd+loopfm")
+    p.add_argument("--seed", type=int, default=0, help="seed index of the run (default 0)")
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder (written atomically)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("store", help="fill an online timeline store from a run")
+    act = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = act.add_parser("load", help="empty the store and load RUN/sequences' timelines")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--store", required=True, help=store_help)
+    p.add_argument("--through-day", type=int, metavar="K", help="only the entries of days <= K")
+    p.add_argument("--key", choices=("user", "item"), help="which timelines (default: the first built)")
+    p.set_defaults(func=cmd_store_load)
+    p = act.add_parser("append", help="append day K of RUN/compress (a daily FM job's new codes)")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--store", required=True, help=store_help)
+    p.add_argument("--day", type=int, required=True, metavar="K")
+    p.add_argument("--key", choices=("user", "item"), help="which timelines (default: the first built)")
+    p.set_defaults(func=cmd_store_append)
+
+    p = sub.add_parser("serve", help="score requests over HTTP JSON (GET /health, POST /score)",
+                       description="Serve BUNDLE: POST /score {user, ts, items: [{<item key>: raw, ...}]} -> "
+                                   "{scores, sequence_length}; codes are read from the store, no FM call.")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--store", help=store_help + " (required when the VM reads sequences)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core per process)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-check", help="replay a day through the serving code; compare with RUN/vm",
+                       description="Score every impression of the day with the server's code (codes read "
+                                   "from the store as of each impression), compare with RUN/vm/predictions."
+                                   "parquet; exit 1 when max |diff| > 1e-5.")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--run", required=True, metavar="RUN", dest="run_dir")
+    p.add_argument("--day", type=int, help="default: the VM test day")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_serve_check)
 
 
 def _add_seeds(p: argparse.ArgumentParser) -> None:
@@ -293,6 +344,89 @@ def cmd_train_vm(args: argparse.Namespace) -> int:
     _, ran = run_train_vm(cfg, Path(args.out), force=args.force, progress=not args.quiet)
     _done("train-vm", ran, start)
     return 0
+
+
+def _serving_errors(fn):
+    """Bad input or an unreachable store: one line on stderr, exit 2."""
+    def run(args: argparse.Namespace) -> int:
+        from loopfm.serving.store import StoreUnavailable
+        try:
+            return fn(args)
+        except (ValueError, KeyError, StoreUnavailable) as err:
+            print(f"loopfm {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_serving_errors
+def cmd_export(args: argparse.Namespace) -> int:
+    from loopfm.serving.bundle import export_bundle
+
+    m = export_bundle(args.run_dir, args.model, args.variant, args.seed, args.out)
+    print(f"exported {m['name']} to {args.out} (codes: {m['code_spec'] and m['code_spec']['quantizer']}, "
+          f"sequence: {m['sequence']})")
+    return 0
+
+
+@_serving_errors
+def cmd_store_load(args: argparse.Namespace) -> int:
+    from loopfm.serving import timelines
+    from loopfm.serving.store import open_store
+
+    store = open_store(args.store)
+    facts = timelines.load(args.run_dir, store, through_day=args.through_day, key=args.key)
+    print(f"store load: {facts['entries']:,} {facts['key_kind']} entries of days {facts['days']} into {args.store}")
+    return 0
+
+
+@_serving_errors
+def cmd_store_append(args: argparse.Namespace) -> int:
+    from loopfm.serving import timelines
+    from loopfm.serving.store import open_store
+
+    store = open_store(args.store)
+    facts = timelines.append(args.run_dir, store, args.day, key=args.key)
+    print(f"store append: day {args.day}, {facts['entries']:,} entries; evicted ts < {facts['evicted_before']}")
+    return 0
+
+
+def _scorer(args: argparse.Namespace, *, store_may_be_down: bool = False):
+    import torch
+
+    from loopfm.serving.bundle import Bundle
+    from loopfm.serving.scorer import Scorer
+    from loopfm.serving.store import StoreUnavailable, open_store
+
+    torch.set_num_threads(args.threads)  # small requests: extra threads only add hand-off latency
+    scorer = Scorer(Bundle(args.bundle), open_store(args.store) if args.store else None)
+    try:
+        scorer.check_store()
+    except StoreUnavailable as err:
+        if not store_may_be_down:
+            raise
+        print(f"loopfm serve: warning: {err}; answering 503 until the store is back", file=sys.stderr)
+    return scorer
+
+
+@_serving_errors
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loopfm.serving.server import serve
+
+    scorer = _scorer(args, store_may_be_down=True)
+    print(f"serving {scorer.bundle.manifest['name']} on http://{args.host}:{args.port} (store {args.store})")
+    serve(scorer, args.host, args.port)
+    return 0
+
+
+@_serving_errors
+def cmd_serve_check(args: argparse.Namespace) -> int:
+    from loopfm.serving.check import TOLERANCE, serve_check
+
+    r = serve_check(_scorer(args), args.run_dir, args.day)
+    ok = r["max_abs_diff"] <= TOLERANCE
+    print(f"serve-check {r['name']} day {r['day']}: {r['rows']:,} rows in {r['requests']:,} requests, "
+          f"max |served - offline| = {r['max_abs_diff']:.3g} ({'ok' if ok else f'FAIL: > {TOLERANCE:g}'})")
+    return 0 if ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -17,6 +17,14 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 
 if [ "$extras" = test ]; then
   "${pip[@]}" pytest pytest-timeout hypothesis triton==3.6.0 scikit-learn
+  # The serving tests start a real redis-server (Debian's package) on a loopback port.
+  if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+      echo "install.sh: no redis-server (as root: apt-get install redis-server); the Redis tests will skip" >&2
+    fi
+  fi
   exit 0
 fi
 
@@ -32,3 +40,5 @@ fi
 "${pip[@]}" torchmetrics==1.0.3 tensordict iopath pyre-extensions tqdm "numpy<3"
 "${pip[@]}" --no-deps -e .
 "${pip[@]}" torchx==0.7.0 pyarrow tensorboard pyyaml matplotlib
+# serving: the HTTP server and the Redis client of the timeline store
+"${pip[@]}" fastapi uvicorn redis

@@ -8,7 +8,8 @@ compress output (the FM's code of the example itself, table 2's real-time-FM com
 Batches are built once and shared by every run, so runs differ only in model, variant and seed.
 
 Output ``RUN/vm/``: ``predictions.parquet`` (example_id, label, user_id, one float column per run
-``model/variant/seed``), ``runs.json`` (per-run test metrics and training facts), ``_SUCCESS``.
+``model/variant/seed``), ``runs.json`` (per-run test metrics and training facts), ``models/`` (each
+trained VM, `loopfm.vm.checkpoint`: what `loopfm export` serves), ``_SUCCESS``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from loopfm.progress import progress_bar, write
 
 from loopfm.artifacts import atomic_output, read_manifest, write_manifest
+from loopfm.vm.checkpoint import save_checkpoints, vm_checkpoint
 from loopfm.vm.kd import TABLE1_VARIANTS, VARIANTS, KDConfig, uses_current_code, variant_flags
 from loopfm.vm.model import VMModelConfig
 from loopfm.vm.train import VMTrainConfig
@@ -87,6 +89,7 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
     users = np.concatenate([b.user_ids.numpy() for b in test])
     example_ids = np.concatenate([b.example_ids.numpy() for b in test])
     preds: dict[str, np.ndarray] = {}
+    checkpoints: dict[str, dict] = {}
     runs: list[dict] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -99,6 +102,7 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
                             dataclasses.replace(cfg.train, seed=cfg.train.seed + seed), cfg.kd, log.schema,
                             train, test, variant=variant, logger=logger, prefix=f"vm/{name}/")
             preds[name] = result.preds.astype(np.float32)
+            checkpoints[name] = vm_checkpoint(result.model)
             runs.append({"model": model, "variant": variant, "seed": seed, "metrics": result.metrics,
                          "steps": result.steps, "train_loss": result.train_loss,
                          "seconds": time.perf_counter() - start})
@@ -110,9 +114,10 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
         table = {"example_id": example_ids, "label": labels.astype(np.int8), "user_id": users, **preds}
         pq.write_table(pa.table(table), tmp / "predictions.parquet")
         (tmp / "runs.json").write_text(json.dumps(runs, indent=2))
+        save_checkpoints(tmp, checkpoints)
         return write_manifest(tmp, stage="train-vm", config_hash=config_hash, runs=len(runs),
                               test_day=cfg.test_day, train_days=cfg.train_days, test_rows=int(len(labels)),
-                              quantizer=inputs.quantizer)
+                              quantizer=inputs.quantizer, sequence_key=cfg.sequence_key)
 
 
 class VMInputs:
@@ -138,7 +143,8 @@ class VMInputs:
             self.current = _packed_codes(run_dir / "compress", log.num_rows(), self.spec.code_bytes)
 
     def batches(self, days: list[int]) -> list:
-        from loopfm.vm.batch import attach_sequence, iter_vm_batches
+        from loopfm.codes.inputs import attach_codes, current_code_values
+        from loopfm.vm.batch import iter_vm_batches
 
         out = []
         raw = self.cfg.raw_seq_feature or None
@@ -155,23 +161,14 @@ class VMInputs:
                 if not present[ids].all():
                     raise ValueError(f"no FM code for {int((~present[ids]).sum())} examples of days {days}: "
                                      "extract.days must cover the VM's training and test days")
-                b = dataclasses.replace(b, current_code=torch.from_numpy(
-                    np.ascontiguousarray(self._decode(codes[ids][:, None])[:, 0], dtype=np.float32)))
+                b = dataclasses.replace(b, current_code=current_code_values(self.spec, codes[ids]))
             if self.reader is not None:
                 seq = self.reader.gather(ids, layout="padded")
-                b = attach_sequence(b, seq.codes, seq.lengths, seq.deltas, quantizer=self.spec.quantizer,
-                                    codebook=self.spec.codebook, decode=self._decode)
+                b = attach_codes(b, seq.codes, seq.lengths, seq.deltas, self.spec)
             out.append(b)
         if not out:
             raise ValueError(f"the event log has no rows on days {days}")
         return out
-
-    def _decode(self, codes: np.ndarray) -> np.ndarray:
-        from loopfm.stages.compress import decode
-
-        b, length, nbytes = codes.shape
-        flat = decode(codes.reshape(b * length, nbytes), self.spec)
-        return flat.reshape(b, length, -1)
 
 
 def _packed_codes(compress_dir: Path, num_examples: int, code_bytes: int) -> tuple[np.ndarray, np.ndarray]:

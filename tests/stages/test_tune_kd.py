@@ -43,7 +43,7 @@ def tune(run_dir: Path, *extra: str) -> int:
 def day_reads(monkeypatch):
     """Every event-log day and extract day any reader opens a file of, during the test."""
     from loopfm.data.eventlog import EventLog
-    from loopfm.stages import codes_format
+    from loopfm.codes import format as codes_format  # where read_codes looks stage_files up
 
     seen = {"events": set(), "extract": set()}
     files, stage_files = EventLog.files, codes_format.stage_files
