@@ -60,6 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from loopfm.data.errors import DataError
+from loopfm.data.history import history_lists
 from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
 from loopfm.data.sources.events import DelimitedReader, _suggest, parse_float_strings, parse_int_strings
@@ -304,29 +305,3 @@ class MovieLensSource:
 
 def _nullify_empty(arr: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
-
-
-def history_lists(users: pa.Array, ts: np.ndarray, values: list[pa.Array], max_len: int) -> list[pa.ListArray]:
-    """Per row (file order): each of ``values`` over the same user's rows with a strictly smaller
-    timestamp, in (ts, file order) order, newest last, the newest ``max_len`` of them."""
-    n = len(ts)
-    user_code = pc.dictionary_encode(users).indices.to_numpy(zero_copy_only=False)
-    order = np.lexsort((np.arange(n), ts, user_code))
-    u, t = user_code[order], ts[order]
-    pos = np.arange(n)
-    new_user = np.ones(n, dtype=bool)
-    new_user[1:] = u[1:] != u[:-1]
-    new_group = new_user.copy()
-    new_group[1:] |= t[1:] != t[:-1]
-    user_start = np.maximum.accumulate(np.where(new_user, pos, 0))
-    end = np.maximum.accumulate(np.where(new_group, pos, 0))  # first row of the same (user, second)
-    start = np.maximum(user_start, end - max_len)
-    start_f, end_f = np.empty(n, np.int64), np.empty(n, np.int64)
-    start_f[order], end_f[order] = start, end
-    lengths = end_f - start_f
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    gather = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths) + np.repeat(start_f, lengths)
-    idx = pa.array(order[gather])
-    off = pa.array(offsets.astype(np.int32))
-    return [pa.ListArray.from_arrays(off, v.take(idx)) for v in values]

@@ -74,10 +74,9 @@ it needs about as much disk as the log in Parquet):
 
 1. stream behavior_log.csv and raw_sample.csv once each, writing each row to one of
    ``behavior_shards`` Parquet files chosen by ``user % behavior_shards``;
-2. per shard: stable-sort its events by the key (user, time) -- ties keep file order --, find for
-   each impression with ``searchsorted`` the first event at or after (user, time) (``end``) and
-   the user's first event, gather ``[max(user start, end - history_len), end)`` and write the
-   lists per block of ``chunk_rows`` raw_sample rows;
+2. per shard: the shared point-in-time search (`loopfm.data.history.Timeline`: events in
+   (user, time, file order), the newest ``history_len`` strictly earlier than each impression)
+   and write the lists per block of ``chunk_rows`` raw_sample rows;
 3. while yielding raw_sample chunks, read back that block's lists from every shard.
 
 Memory is one shard -- about 1/``behavior_shards`` of the log and of the impressions, with their
@@ -110,6 +109,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from loopfm.data.errors import DataError
+from loopfm.data.history import Timeline, gather, timeline_order
 from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
 
@@ -662,25 +662,11 @@ class _BehaviorHistories:
         ev = self._read_shard("ev", s, self.EVENT_SCHEMA)
         eu, et = ev.column("user").to_numpy(), ev.column("ts").to_numpy()
         iu, it = imp.column("user").to_numpy(), imp.column("ts").to_numpy()
-        # One int64 key per (user, time): user in the high 31 bits, seconds since the earliest
-        # time in the low 32. A stable sort of the events by key is (user, time, file order).
-        t0 = min(et.min(initial=it.min()), it.min())
-        for users, times, what in ((eu, et, "behavior_log.csv"), (iu, it, "raw_sample.csv")):
-            if len(users) and (users.min() < 0 or users.max() >= 2**31 or times.max() - t0 >= 2**32):
-                raise DataError("behaviour histories need user ids in 0..2^31-1 and times within "
-                                "136 years of each other", file=str(self.folder / what))
-        ekey = (eu << 32) | (et - t0)
-        order = np.argsort(ekey, kind="stable")
-        ekey = ekey[order]
-        # Events strictly earlier than the impression: those with a smaller key; the user's own
-        # events start at key (user, t0).
-        end = np.searchsorted(ekey, (iu << 32) | (it - t0), side="left")
-        start = np.maximum(np.searchsorted(ekey, iu << 32, side="left"), end - self.cfg.history_len)
-        lengths = end - start
-        offsets = np.zeros(len(iu) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gather = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - start, lengths)
-        values = ev.take(pa.array(order[gather])).combine_chunks()
+        # The shared point-in-time search: events in (user, time, file order), strictly earlier.
+        order = timeline_order(eu, et)
+        start, end = Timeline(eu[order], et[order]).bounds(iu, it, max_len=self.cfg.history_len)
+        gather_rows, offsets = gather(start, end)
+        values = ev.take(pa.array(order[gather_rows])).combine_chunks()
         rows = imp.column("row").to_numpy()
         blocks = rows // self.block_rows
         bounds = np.flatnonzero(np.diff(blocks)) + 1  # rows are ascending within a shard
