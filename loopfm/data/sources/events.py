@@ -73,11 +73,9 @@ rows with the per-row problems are dropped instead and counted in ``skipped`` by
 """
 from __future__ import annotations
 
-import csv
 import difflib
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -92,11 +90,12 @@ import yaml
 from loopfm.data.errors import DataError
 from loopfm.data.schema import KINDS, ROLES, FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
+from loopfm.data.text import DelimitedReader, local_to_utc, parse_float_strings, parse_int_strings
+from loopfm.data.text import mask as _mask
+from loopfm.data.text import trimmed as _strings
 
 RESERVED = ("example_id", "ts", "day", "label")
 UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-_INT_RE = r"^[+-]?\d+(\.0*)?$"
-_FLOAT_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
 
 @dataclass(kw_only=True)
@@ -406,148 +405,7 @@ def load_schema(path: str | Path, *, input_path: str) -> EventsSchema:
     return parse_schema(raw, input_path=input_path, schema_file=str(path))
 
 
-# --- reading delimited text with line numbers --------------------------------------------------
-
-class DelimitedReader:
-    """Streams a delimited text file as all-string tables of ``chunk_rows`` rows.
-
-    Keeps what is needed to turn a data-row index back into the physical 1-based line number
-    (header = line 1; blank lines, which pyarrow skips, are counted). Ragged rows raise a
-    `DataError`, or are skipped and counted with ``skip_ragged``.
-    """
-
-    def __init__(self, path: str, *, delimiter: str, quote_char: str | bool, header: bool,
-                 columns: list[str] | None, encoding: str, include: list[str], chunk_rows: int,
-                 skip_ragged: bool = False, what: str = ""):
-        self.path, self.delimiter, self.quote_char = path, delimiter, quote_char
-        self.header, self.encoding, self.chunk_rows = header, encoding, chunk_rows
-        self.include, self.skip_ragged, self.what = include, skip_ragged, what
-        self.ragged_skipped = 0
-        self._dropped: list[int] = []  # logical row numbers of skipped ragged rows
-        self._ragged: tuple[int | None, int, int, str] | None = None
-        self.names = columns if not header else self._read_header()
-
-    def _read_header(self) -> list[str] | None:
-        enc = "utf-8-sig" if self.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else self.encoding
-        with open(self.path, encoding=enc, newline="") as f:
-            line = f.readline()
-        if not line.strip():
-            return None
-        quoting = {"quoting": csv.QUOTE_NONE} if self.quote_char is False else {"quotechar": self.quote_char}
-        return next(csv.reader([line.rstrip("\r\n")], delimiter=self.delimiter, **quoting))
-
-    def _handler(self, row) -> str:
-        if self.skip_ragged:
-            self._dropped.append(row.number)
-            self.ragged_skipped += 1
-            return "skip"
-        if self._ragged is None:
-            self._ragged = (row.number, row.expected_columns, row.actual_columns, row.text)
-        return "error"
-
-    def logical_row(self, k: int) -> int:
-        """Logical line (blank lines not counted) of the 0-based data row ``k``."""
-        line = k + (2 if self.header else 1)
-        for s in self._dropped:
-            if s <= line:
-                line += 1
-            else:
-                break
-        return line
-
-    def physical_line(self, logical: int) -> int:
-        """Physical 1-based line of a logical one (error path only: scans the file)."""
-        seen = 0
-        with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if raw.rstrip(b"\r\n"):
-                    seen += 1
-                    if seen == logical:
-                        return number
-        return logical
-
-    def line(self, k: int) -> int:
-        return self.physical_line(self.logical_row(k))
-
-    def _ragged_error(self) -> DataError:
-        number, expected, actual, text = self._ragged
-        names = self.names or []
-        if actual < expected:
-            column = names[actual] if actual < len(names) else None
-            msg = f"expected {expected} fields, got {actual} (the row ends before this column)"
-        else:
-            column = names[-1] if names else None
-            msg = f"expected {expected} fields, got {actual} (extra fields after this column)"
-        text = text if len(text) <= 80 else text[:77] + "..."
-        row = self.physical_line(number) if number is not None else None
-        return DataError(f"{msg}: {text!r}", file=self.path, row=row, column=column)
-
-    def tables(self) -> Iterator[pa.Table]:
-        read = pcsv.ReadOptions(use_threads=False, encoding=self.encoding,
-                                column_names=None if self.header else self.names)
-        parse = pcsv.ParseOptions(delimiter=self.delimiter, quote_char=self.quote_char,
-                                  invalid_row_handler=self._handler)
-        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in self.include},
-                                      include_columns=self.include, strings_can_be_null=False,
-                                      quoted_strings_can_be_null=False)
-        buf: list[pa.RecordBatch] = []
-        n = 0
-        try:
-            reader = pcsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=convert)
-            schema = reader.schema
-            for batch in reader:
-                buf.append(batch)
-                n += batch.num_rows
-                while n >= self.chunk_rows:
-                    table = pa.Table.from_batches(buf, schema)
-                    yield table.slice(0, self.chunk_rows)
-                    rest = table.slice(self.chunk_rows)
-                    buf, n = rest.to_batches(), rest.num_rows
-        except (pa.ArrowInvalid, UnicodeDecodeError) as err:
-            if self._ragged is not None:
-                raise self._ragged_error() from None
-            raise DataError(f"cannot parse the {self.what or 'file'}: {err}", file=self.path) from None
-        if n:
-            yield pa.Table.from_batches(buf, schema)
-
-
-# --- value conversion (shared with other sources) ----------------------------------------------
-
-def _mask(arr: pa.Array) -> np.ndarray:
-    return np.asarray(pc.fill_null(arr, True).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _strings(arr: pa.Array) -> pa.Array:
-    return pc.utf8_trim_whitespace(arr.cast(pa.string()))
-
-
-def parse_int_strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Integer strings (``"881250949"``, ``"881250949.0"``) -> (int64 values, bad mask)."""
-    s = _strings(arr)
-    ok = pc.fill_null(pc.match_substring_regex(s, _INT_RE), False)
-    cleaned = pc.replace_substring_regex(pc.if_else(ok, s, "0"), r"\.0*$", "")
-    try:
-        values = cleaned.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, OverflowError):  # out of int64 range: find it in Python
-        vals, okl = [], []
-        for v in cleaned.to_pylist():
-            try:
-                vals.append(int(v)); okl.append(-2**63 <= int(v) < 2**63)
-            except ValueError:
-                vals.append(0); okl.append(False)
-        values = np.array([v if o else 0 for v, o in zip(vals, okl)], dtype=np.int64)
-        ok = pc.and_(ok, pa.array(okl))
-    return values.astype(np.int64, copy=False), ~_mask(pc.fill_null(ok, False))
-
-
-def parse_float_strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Finite decimal number strings -> (float64 values, bad mask); empty/garbage are bad."""
-    s = _strings(arr)
-    ok = pc.fill_null(pc.match_substring_regex(s, _FLOAT_RE), False)
-    values = pc.if_else(ok, s, "0").cast(pa.float64()).to_numpy(zero_copy_only=False)
-    bad = ~_mask(ok) | ~np.isfinite(values)
-    return np.where(bad, 0.0, values), bad
-
+# --- value conversion -------------------------------------------------------------------------
 
 def _numeric(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Any column -> (float64 values, bad mask)."""
@@ -559,18 +417,6 @@ def _numeric(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         bad = ~np.isfinite(values)
         return np.where(bad, 0.0, values), bad
     raise TypeError(t)
-
-
-def local_to_utc(local: np.ndarray, tz: str) -> np.ndarray:
-    """Unix-like seconds of naive local times in ``tz`` -> true unix seconds."""
-    if tz == "UTC" or len(local) == 0:
-        return local
-    zone = ZoneInfo(tz)
-    hours, inverse = np.unique(local // 3600, return_inverse=True)
-    epoch = datetime(1970, 1, 1)
-    offsets = np.array([(epoch + timedelta(hours=int(h))).replace(tzinfo=zone).utcoffset().total_seconds()
-                        for h in hours], dtype=np.int64)
-    return local - offsets[inverse]
 
 
 def _first(mask: np.ndarray) -> int:

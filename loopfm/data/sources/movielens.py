@@ -63,7 +63,8 @@ from loopfm.data.errors import DataError
 from loopfm.data.history import history_lists
 from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
-from loopfm.data.sources.events import DelimitedReader, _suggest, parse_float_strings, parse_int_strings
+from loopfm.data.sources.events import _suggest
+from loopfm.data.text import DelimitedReader, parse_float_strings, parse_int_strings
 
 # u.genre order; RecBole's ``class`` tokens are put in this order too.
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
