@@ -14,7 +14,8 @@ Three ways in, one search underneath (`Timeline.bounds`):
   queries. build-sequences (timelines of codes), the taobao-raw behaviour-log shards and the
   synthetic generator use it directly.
 * `history_lists` -- a whole log in memory, every row both an entry and a query (movielens).
-* `StreamingHistories` -- a log read chunk by chunk in time order; it carries, per key, only the
+* `StreamingHistories` -- a log read chunk by chunk in time order (`time_ordered` puts any
+  stream in that order through sorted runs on disk); it carries, per key, only the
   newest ``max_len`` entries (plus those of the key's latest second, which a later query of the
   same second must not see but the next second must), so memory is bounded by keys x max_len
   whatever the log's length (the events source's ``kind: history``).
@@ -26,11 +27,13 @@ dense ranks among the entries (``searchsorted(left)`` of a query time keeps ever
 """
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 COMPOSITE_LIMIT = 1 << 62  # key ranks * time span must stay below this for the composite code
 
@@ -183,3 +186,68 @@ class StreamingHistories:
         if self.window is not None and self._last_ts is not None:
             keep &= ts >= self._last_ts - self.window  # later queries are at or after _last_ts
         return order[keep]
+
+
+def time_ordered(chunks: Iterator[pa.Table], work: Path, chunk_rows: int) -> Iterator[pa.Table]:
+    """Re-emit a stream of tables (with an int64 ``ts`` column) in (ts, input order), in bounded
+    memory: each chunk is sorted and spilled to ``work`` as a run, then the runs are merged.
+
+    Feeding prepare (ts, input order) instead of input order changes nothing downstream: prepare
+    orders rows by (ts, input order) with a stable sort, so every example id stays the same.
+    """
+    runs: list[Path] = []
+    row = 0
+    for table in chunks:
+        n = table.num_rows
+        table = table.append_column(_ROW, pa.array(np.arange(row, row + n, dtype=np.int64)))
+        row += n
+        if n:
+            order = np.lexsort((np.arange(n), table.column("ts").to_numpy()))
+            runs.append(work / f"run-{len(runs):05d}.parquet")
+            pq.write_table(table.take(pa.array(order)), runs[-1], compression="none")
+    batch = max(1024, chunk_rows // max(len(runs), 1))
+    pending: list[pa.Table] = []
+    buffered = 0
+    for part in _merge(runs, batch):
+        pending.append(part)
+        buffered += part.num_rows
+        if buffered >= chunk_rows:
+            yield pa.concat_tables(pending).drop_columns([_ROW]).combine_chunks()
+            pending, buffered = [], 0
+    if pending:
+        yield pa.concat_tables(pending).drop_columns([_ROW]).combine_chunks()
+
+
+_ROW = "__input_row__"
+
+
+def _merge(runs: list[Path], batch: int) -> Iterator[pa.Table]:
+    """K-way merge of runs sorted by (ts, row): emit, each round, every buffered row up to the
+    smallest of the runs' last buffered (ts, row), which no unread row can precede."""
+    iters = [pq.ParquetFile(p).iter_batches(batch_size=batch) for p in runs]
+    bufs: list[pa.Table | None] = [None] * len(runs)
+
+    def refill(i: int) -> None:
+        b = next(iters[i], None)
+        bufs[i] = pa.Table.from_batches([b]) if b is not None and b.num_rows else None
+
+    for i in range(len(runs)):
+        refill(i)
+    while True:
+        active = [i for i, b in enumerate(bufs) if b is not None]
+        if not active:
+            return
+        cut = min((bufs[i].column("ts")[-1].as_py(), bufs[i].column(_ROW)[-1].as_py()) for i in active)
+        parts = []
+        for i in active:
+            t = bufs[i]
+            ts, row = t.column("ts").to_numpy(), t.column(_ROW).to_numpy()
+            n = int(((ts < cut[0]) | ((ts == cut[0]) & (row <= cut[1]))).sum())  # a prefix: runs are sorted
+            parts.append(t.slice(0, n))
+            if n == t.num_rows:
+                refill(i)
+            else:
+                bufs[i] = t.slice(n)
+        merged = pa.concat_tables(parts)
+        order = np.lexsort((merged.column(_ROW).to_numpy(), merged.column("ts").to_numpy()))
+        yield merged.take(pa.array(order))
