@@ -130,3 +130,15 @@ def test_history_schema_errors(tmp_path, edit, message):
     schema_path.write_text(yaml.safe_dump(schema))
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]").replace("|", r"\|")):
         EventsSource(EventsConfig(input=str(path), schema=str(schema_path)), seed=0, chunk_rows=10)
+
+
+def test_prepare_without_schema_is_a_one_line_error(tmp_path, capsys):
+    from loopfm.cli import main
+
+    path = tmp_path / "e.csv"
+    path.write_text("u,item,ts,label\na,x,1,1\n")
+    assert main(["prepare", "--source", "events", "--input", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["loopfm prepare: error: the events source needs data.events.schema (the YAML schema of that "
+                   "file; on the command line: --schema SCHEMA.yaml)"]
+    assert not (tmp_path / "o").exists()

@@ -104,6 +104,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import yaml
 
+from loopfm.config import ConfigError
 from loopfm.data.errors import DataError
 from loopfm.data.history import StreamingHistories, time_ordered
 from loopfm.data.schema import KINDS, ROLES, FeatureSpec
@@ -521,7 +522,7 @@ class EventsSource:
         for option, flag, what in (("input", "--input FILE", "the CSV or Parquet file of events"),
                                    ("schema", "--schema SCHEMA.yaml", "the YAML schema of that file")):
             if not getattr(cfg, option):
-                raise ValueError(f"the events source needs data.events.{option} ({what}; on the "
+                raise ConfigError(f"the events source needs data.events.{option} ({what}; on the "
                                  f"command line: {flag})")
         self.cfg, self.seed, self.chunk_rows = cfg, seed, chunk_rows
         self.path = str(cfg.input)
