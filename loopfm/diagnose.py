@@ -22,8 +22,10 @@ count only ids and timestamps of the test day (no labels):
 * **Code drift** -- from extract's manifest: the daily FM's mean cosine with the fixed FM's codes,
   and the day centroid's shift.
 
-Verdict: ΔNE >= ``HEADROOM_NE`` (0.01, one percent of the NE of a constant predictor) is
-headroom; below it, little is to be expected from KD or LoopFM. A thin coverage adds a caveat.
+Verdict: headroom when ΔNE >= ``HEADROOM_NE`` (0.01, one percent of the NE of a constant
+predictor) and the FM reads at least one FM-only feature (without one there is no feature gap: the
+FM knows nothing the VM cannot see, whatever its margin); otherwise little is to be expected from
+KD or LoopFM. A thin sequence coverage adds a caveat.
 
 Output: ``RUN/diagnose/diagnose.json`` (+ ``_SUCCESS``, written atomically, skipped when up to date);
 `run` prints it after extract and the report appends it to report.md.
@@ -89,15 +91,26 @@ def diagnose(cfg: LoopFMConfig, run_dir: Path, *, progress: bool = False) -> dic
     coverage = sequence_coverage(cfg, log, read_manifest(run_dir / "extract"), test_day)
     seen = users_seen(log, cfg.vm.train_days, test_day)
     extract = read_manifest(run_dir / "extract")
+    fm_only = fm_only_features(cfg, run_dir)
     result = {
         "valid_day": valid_day, "test_day": test_day, "vm_train_days": train_days, "baseline_model": model,
         "fm": fm, "vm_baseline": vm, "delta_ne": delta_ne, "delta_auc": delta_auc,
         "sequences": coverage, "users_seen": seen,
         "drift": {"fm_checkpoint": extract.get("fm_checkpoint", "fixed"), "by_day": extract.get("drift", {})},
+        "fm_only_features": fm_only,
     }
-    result["headroom"] = bool(delta_ne >= HEADROOM_NE)
+    result["headroom"] = bool(delta_ne >= HEADROOM_NE and fm_only)
     result["verdict"] = verdict(result)
     return result
+
+
+def fm_only_features(cfg: LoopFMConfig, run_dir: Path) -> list[str]:
+    """The FM-only features the FM reads (``fm.model``'s feature selection on the event log)."""
+    from loopfm.data.schema import Schema
+    from loopfm.fm.features import select_features
+
+    return [f.name for f in select_features(Schema.load(run_dir / "data" / "schema.json"), cfg.fm.model)
+            if f.fm_only]
 
 
 def _fm_metrics(log, run_dir: Path, day: int) -> dict:
@@ -173,7 +186,11 @@ def users_seen(log, train_days: list[int], day: int) -> dict:
 
 def verdict(r: dict) -> str:
     d = r["delta_ne"]
-    if r["headroom"]:
+    if not r["fm_only_features"]:
+        line = (f"the FM reads no FM-only feature, so it knows nothing the VM cannot see (ΔNE = {d:.3f} comes "
+                f"from its size and training days alone): expect little from KD or LoopFM; try more FM-only "
+                f"features (e.g. a behaviour history, kind: history) or fm.train.refresh_days")
+    elif r["headroom"]:
         line = (f"the FM beats the VM baseline by ΔNE = {d:.3f} (AUC {r['fm']['auc']:.4f} vs "
                 f"{r['vm_baseline']['auc']:.4f}): KD and LoopFM have headroom")
     else:
@@ -198,7 +215,8 @@ def render(r: dict) -> str:
              f"- test-day rows with a non-empty {seq['key']} sequence: {seq['nonempty_share']:.1%}, mean length "
              f"{seq['mean_length']:.1f} (max {seq['max_len']})",
              f"- test-day users seen in the VM's training days: {seen['user_share']:.1%} "
-             f"({seen['row_share']:.1%} of rows)"]
+             f"({seen['row_share']:.1%} of rows)",
+             f"- FM-only features the FM reads: {', '.join(r['fm_only_features']) or 'none'}"]
     drift = r["drift"]["by_day"]
     if drift:
         if r["drift"]["fm_checkpoint"] == "daily":
