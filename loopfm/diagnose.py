@@ -187,9 +187,9 @@ def users_seen(log, train_days: list[int], day: int) -> dict:
 def verdict(r: dict) -> str:
     d = r["delta_ne"]
     if not r["fm_only_features"]:
-        line = (f"the FM reads no FM-only feature, so it knows nothing the VM cannot see (ΔNE = {d:.3f} comes "
-                f"from its size and training days alone): expect little from KD or LoopFM; try more FM-only "
-                f"features (e.g. a behaviour history, kind: history) or fm.train.refresh_days")
+        line = (f"the FM reads no FM-only feature, so it knows nothing the VM cannot see (ΔNE = {d:.3f}): "
+                f"expect little from KD or LoopFM; try more FM-only features (e.g. a behaviour history, "
+                f"kind: history) or fm.train.refresh_days")
     elif r["headroom"]:
         line = (f"the FM beats the VM baseline by ΔNE = {d:.3f} (AUC {r['fm']['auc']:.4f} vs "
                 f"{r['vm_baseline']['auc']:.4f}): KD and LoopFM have headroom")
