@@ -129,7 +129,8 @@ class StreamingHistories:
     """Histories of a log fed in chunks in time order (non-decreasing ``ts`` across chunks).
 
     Memory: the carried entries, at most ``max_len`` per key (plus ties of the key's latest
-    second, and only those inside ``window``), and one chunk.
+    second; a key seen again also drops those outside ``window``), and one chunk. Work per chunk:
+    its rows plus the carried entries of its keys.
     """
 
     def __init__(self, max_len: int, *, window: int | None = None) -> None:
@@ -144,9 +145,16 @@ class StreamingHistories:
         if len(ts) and ((np.diff(ts) < 0).any() or (self._last_ts is not None and ts[0] < self._last_ts)):
             raise ValueError("StreamingHistories needs rows in time order")
         entry = np.ones(len(ts), bool) if is_entry is None else np.asarray(is_entry, bool)
-        chunk = pa.table({"key": keys, "ts": pa.array(ts, pa.int64()), **values}).filter(pa.array(entry))
-        both = chunk if self._carry is None else pa.concat_tables([self._carry, chunk.cast(self._carry.schema)])
         keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        chunk = pa.table({"key": keys, "ts": pa.array(ts, pa.int64()), **values}).filter(pa.array(entry))
+        # Only the carried entries of keys in this chunk take part (a key's entries move together,
+        # so their order is kept); the others wait untouched: work per chunk, not per carry.
+        carry, untouched = self._carry, None
+        if carry is not None:
+            hit = np.asarray(pc.is_in(carry.column("key"), value_set=keys.cast(carry.schema.field("key").type))
+                             .to_numpy(zero_copy_only=False), bool)
+            untouched, carry = carry.filter(pa.array(~hit)), carry.filter(pa.array(hit))
+        both = chunk if carry is None else pa.concat_tables([carry, chunk.cast(carry.schema)])
         all_keys = pc.dictionary_encode(pa.concat_arrays(
             [both.column("key").combine_chunks().cast(keys.type), keys]), null_encoding="encode")
         codes = all_keys.indices.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -162,7 +170,8 @@ class StreamingHistories:
                for name in values}
         if len(ts):
             self._last_ts = int(ts[-1])
-        self._carry = both.take(pa.array(self._keep(e_code[order], e_ts[order], order)))
+        kept = both.take(pa.array(self._keep(e_code[order], e_ts[order], order)))
+        self._carry = kept if untouched is None else pa.concat_tables([untouched, kept]).combine_chunks()
         return out
 
     def _keep(self, key: np.ndarray, ts: np.ndarray, order: np.ndarray) -> np.ndarray:
