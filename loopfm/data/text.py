@@ -44,7 +44,7 @@ class _Substituted(io.RawIOBase):
     def __init__(self, path: str, delimiter: bytes, block: int = 1 << 20) -> None:
         self._f = open(path, "rb")
         self.path, self._delim, self._block = path, delimiter, block
-        self._pending, self._out = b"", b""
+        self._pending, self._out, self._pos = b"", b"", 0
 
     def readable(self) -> bool:
         return True
@@ -53,28 +53,31 @@ class _Substituted(io.RawIOBase):
         data = self._f.read(self._block)
         if not data:
             if self._pending:
-                self._out += self._pending.replace(self._delim, UNIT_SEPARATOR)
+                self._out, self._pos = self._pending, 0  # an unfinished delimiter at the end: as is
                 self._pending = b""
+                return True
             return False
         data = self._pending + data
         if UNIT_SEPARATOR in data:
             raise DataError("the file holds the control character U+001F, which a multi-character "
                             "delimiter cannot be read around", file=self.path)
-        keep = 0  # a delimiter may straddle the block boundary: hold back its possible prefix
+        data = data.replace(self._delim, UNIT_SEPARATOR)
+        keep = 0  # a delimiter may straddle the block boundary: hold back an unfinished one
         for k in range(len(self._delim) - 1, 0, -1):
             if data.endswith(self._delim[:k]):
                 keep = k
                 break
-        body, self._pending = (data[:-keep], data[-keep:]) if keep else (data, b"")
-        self._out += body.replace(self._delim, UNIT_SEPARATOR)
+        self._out, self._pos = data[:len(data) - keep], 0
+        self._pending = data[len(data) - keep:]
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._out and self._fill():
-            pass
-        n = min(len(buffer), len(self._out))
-        buffer[:n] = self._out[:n]
-        self._out = self._out[n:]
+        while self._pos >= len(self._out):
+            if not self._fill():
+                return 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
         return n
 
     def close(self) -> None:
