@@ -123,7 +123,7 @@ def _fm_metrics(log, run_dir: Path, day: int) -> dict:
         raise ConfigError(f"diagnose scores the FM on the validation day {day}: {err}") from None
     t = log.read(days=[day], columns=["example_id", "label"])
     preds = soft[t.column("example_id").to_numpy()]
-    return _rounded(binary_metrics(t.column("label").to_numpy(), preds.astype(np.float64)))
+    return _floats(binary_metrics(t.column("label").to_numpy(), preds.astype(np.float64)))
 
 
 def _vm_baseline(cfg: LoopFMConfig, run_dir: Path, log, train_days: list[int], valid_day: int,
@@ -142,7 +142,7 @@ def _vm_baseline(cfg: LoopFMConfig, run_dir: Path, log, train_days: list[int], v
                         inputs.batches(train_days), inputs.batches([valid_day]), variant="baseline")
     finally:
         torch.set_num_threads(threads)
-    return model, _rounded({k: result.metrics[k] for k in ("auc", "logloss", "ne")})
+    return model, _floats({k: result.metrics[k] for k in ("auc", "logloss", "ne")})
 
 
 def sequence_coverage(cfg: LoopFMConfig, log, extract_manifest: dict, day: int) -> dict:
@@ -238,5 +238,5 @@ def append_to_report(run_dir: str | Path) -> None:
         report.write_text(f"{text}\n\n## Diagnosis (before the VM runs)\n\n{render(json.loads(path.read_text()))}\n")
 
 
-def _rounded(metrics: dict) -> dict:
+def _floats(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
