@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                   "grid (and its no-KD reference), rank them on tune_kd.valid_day; never reads the rows of "
                   "vm.test_day. Reads RUN/data, RUN/extract (+ compress, sequences for kd+loopfm); "
                   "writes RUN/tune_kd.", cmd_tune_kd, keys=("vm", "tune_kd"))
+    p = sub.add_parser("diagnose", help="can KD and LoopFM help here? (after extract, before any VM run)",
+                       description="On the validation day (tune_kd.valid_day, never vm.test_day): the FM's NE "
+                                   "and AUC against a quick VM baseline; the share of test-day rows with a "
+                                   "LoopFM sequence and its mean length; the share of test-day users seen in "
+                                   "VM training; FM code drift. Then a verdict. Writes RUN/diagnose.")
+    p.add_argument("run_dir", metavar="RUN", help="run folder whose prepare, train-fm and extract are done")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--config", help="YAML experiment config (default: RUN/config.yaml, written by `loopfm run`)")
+    p.add_argument("--force", action="store_true", help="measure again even if RUN/diagnose is up to date")
+    p.set_defaults(func=cmd_diagnose)
     p = _stage_parser(sub, "sweep", "run the pipeline once per value of one config key; AUC vs the value",
                       "Run every stage into OUT/<key>=<value>/ for each --param value, in order; stages "
                       "whose config equals an earlier value's are linked to it, not rerun. Writes "
@@ -449,6 +459,17 @@ def cmd_tune_kd(args: argparse.Namespace) -> int:
     best = results["best"]
     print(f"\nbest on day {results['valid_day']}: {best['overrides']}  (put these in the "
           f"config; the test day {results['test_day_unused']} was not used)")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from loopfm.diagnose import render, run_diagnose
+
+    run_dir = Path(args.run_dir)
+    config = args.config or (str(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None)
+    cfg = load_config(LoopFMConfig, config, args.overrides)
+    with run_lock(run_dir):  # writes RUN/diagnose
+        print(render(run_diagnose(cfg, run_dir, force=args.force)))
     return 0
 
 

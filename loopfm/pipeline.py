@@ -183,6 +183,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
     import pyarrow.parquet as pq
 
     from loopfm import report
+    from loopfm.diagnose import append_to_report
 
     check_inputs(run_dir, "report")
     fm_manifest = read_manifest(run_dir / "fm")
@@ -212,6 +213,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
     results["fm"]["checkpoint"] = "daily" if daily else "fixed"
     report.write_results(run_dir / "results.json", results)
     report.write_report(run_dir, results)
+    append_to_report(run_dir)  # the diagnosis, when RUN/diagnose exists
     report.log_tensorboard(run_dir / "tb", results)
     return results
 
@@ -227,6 +229,16 @@ def read_timings(run_dir: Path, echo: Callable[[str], None] = print) -> dict[str
         echo(f"note: {err}; starting the timings afresh")
         return {}
     return timings if isinstance(timings, dict) else {}
+
+
+def _diagnosis(cfg: LoopFMConfig, run_dir: Path, *, force: bool) -> str:
+    """`loopfm diagnose` after extract: can KD and LoopFM help? (skipped, saying why, if it cannot run)"""
+    from loopfm.diagnose import render, run_diagnose
+
+    try:
+        return "[diagnose]\n" + render(run_diagnose(cfg, run_dir, force=force))
+    except ConfigError as err:
+        return f"[diagnose] skipped: {err}"
 
 
 def run_all(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: bool = True,
@@ -260,6 +272,8 @@ def run_all(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: 
             timings[name] = round(time.perf_counter() - start, 2)
             write_json_atomic(run_dir / "timings.json", timings)
         echo(f"[{name}] {'done in %.1fs' % timings[name] if ran else 'up to date'}")
+        if name == "extract":
+            echo(_diagnosis(cfg, run_dir, force=force))
     start = time.perf_counter()
     results = run_report(cfg, run_dir, timings)
     timings["report"] = round(time.perf_counter() - start, 2)

@@ -124,3 +124,32 @@ def _tables(features: list[FeatureSpec]) -> tuple[Table, ...]:
 def _table_order(features: list[FeatureSpec]) -> list[str]:
     # An EmbeddingBagCollection's pooled output is ordered table by table, then by feature.
     return [name for t in _tables(features) for name in t.features]
+
+
+class ArchitectureWarning(UserWarning):
+    """The FM's architecture will not get the input it is built for (see `architecture_warnings`)."""
+
+
+def architecture_warnings(features: list[FeatureSpec], layout: FeatureLayout, cfg: ModelConfig) -> list[str]:
+    """What the selected features fail to give the FM's architecture, each with its fix.
+
+    * a DMIN FM without a behaviour sequence trains without its attention (nothing to attend
+      over): LoopFM's gain comes from what the FM sees and the VM does not, usually that history;
+    * a sequence that shares another feature's vocabulary (a history of item ids, say) outside
+      ``fm.model.sequence_group`` is mean-pooled as a bag, not attended as a sequence.
+    """
+    out = []
+    group = cfg.sequence_group
+    stray = [f for f in features if f.kind == "sequence" and f.vocab is not None and f.group != group]
+    for f in stray:
+        out.append(f"feature {f.name!r} looks like a behaviour history (it shares {f.vocab!r}'s vocabulary) but "
+                   f"is in group {f.group!r}, so the FM mean-pools it as a bag instead of attending over it; "
+                   f"fix: give it group: {group} (events schema: kind: history does so by default) or set "
+                   f"fm.model.sequence_group={f.group}")
+    if cfg.arch == "dmin" and not layout.behaviour:
+        fix = (f"set fm.model.sequence_group={stray[0].group}" if stray else
+               "add a history to the event log (events schema: {name: hist_item_id, kind: history, of: "
+               "ITEM}) or set fm.model.arch=deepfm")
+        out.append(f"fm.model.arch=dmin attends over a behaviour sequence, but no selected sequence feature is in "
+                   f"group {group!r}: the FM trains without its attention; fix: {fix}")
+    return out

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from loopfm.fm.batch import BatchBuilder, iter_batches, num_global_batches
 from loopfm.fm.checkpoint import Checkpointer
 from loopfm.fm.config import (AutoencoderConfig, FMConfig, FMConfigError, ModelConfig, OptimizerConfig,
                               ParallelConfig, TrainConfig)
-from loopfm.fm.features import FeatureLayout, select_features
+from loopfm.fm.features import ArchitectureWarning, FeatureLayout, architecture_warnings, select_features
 from loopfm.fm.model import FoundationModel
 from loopfm.fm.parallelize import parallelize, plan_summary, plan_to_json
 from loopfm.metrics import binary_metrics
@@ -63,7 +64,11 @@ def train_fm(cfg: FMConfig, data_dir: str | Path, out_dir: str | Path, *, seed: 
     try:
         log = EventLog(data_dir)
         _check_protocol(cfg.train, log, ctx.world_size)
-        layout = FeatureLayout.build(select_features(log.schema, cfg.model), cfg.model.sequence_group)
+        features = select_features(log.schema, cfg.model)
+        layout = FeatureLayout.build(features, cfg.model.sequence_group)
+        if ctx.rank == 0:
+            for message in architecture_warnings(features, layout, cfg.model):
+                warnings.warn(message, ArchitectureWarning, stacklevel=2)
         torch.manual_seed(seed)  # 2. model: identical on every rank, independent of the world size
         model = FoundationModel(layout, cfg.model, cfg.autoencoder)
         latest = _prepare_work(work, ctx, resume, config_hash, config_yaml)

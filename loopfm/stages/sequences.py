@@ -44,11 +44,9 @@ timelines, the item hash for item timelines) and writes ``OUT/shards/rank-R/``; 
 ``_SUCCESS`` appears when all N shards exist (rule in `loopfm.stages.codes_format`). Every
 example lives in exactly one shard per kind; the reader merges the shards.
 
-Algorithm (vectorised, no per-example Python): a stable argsort by key of the rows (already in
-example-id = time order) gives timeline order; each row gets a composite int64
-``key_rank * span + (ts - t0)`` which is monotone in that order, and two ``np.searchsorted`` calls
-give, per example, the first entry at or after ``t_e`` (end) and at or after ``t_e - window``.
-When ``keys * span`` would overflow int64, times are replaced by their dense ranks first.
+Algorithm: the shared point-in-time search of `loopfm.data.history` (`Timeline`): a stable
+argsort by key of the rows (already in example-id = time order) gives timeline order, and two
+``np.searchsorted`` calls on a composite int64 code give each example's offsets.
 """
 from __future__ import annotations
 
@@ -63,13 +61,14 @@ import pyarrow.parquet as pq
 from loopfm.progress import progress_bar
 
 from loopfm.artifacts import MANIFEST, inside, read_manifest, write_manifest
+from loopfm.data.history import COMPOSITE_LIMIT, Timeline
 from loopfm.stages import codes_format as cf
 
 KeyKind = Literal["user", "item"]
 KEY_KINDS = ("user", "item")
 ENTRY_LABELS = ("all", "positive", "negative")
 DAY_SECONDS = 86_400
-_COMPOSITE_LIMIT = 1 << 62  # keys * time span must stay below this for the composite sort key
+_COMPOSITE_LIMIT = COMPOSITE_LIMIT  # keys * time span must stay below this (tests lower it)
 TIMELINE_SCHEMA_BASE = [("key", pa.int64()), ("ts", pa.int64()), ("example_id", pa.int64()), ("label", pa.int8())]
 EXAMPLES_SCHEMA = pa.schema([("example_id", pa.int64()), ("ts", pa.int64()), ("key", pa.int64()),
                              ("start", pa.int64()), ("end", pa.int64())])
@@ -117,31 +116,7 @@ def entry_mask(label: np.ndarray, entry_labels: str) -> np.ndarray:
     return np.asarray(label) == (1 if entry_labels == "positive" else 0)
 
 
-# -- the core: offsets, vectorised ---------------------------------------------------------------
-def _time_codes(ent_ts: np.ndarray, q_ts: np.ndarray, window: int, nkeys: int):
-    """Monotone int64 codes of entry times, query times and query window starts, and their span."""
-    q_lo = q_ts - window
-    t0 = min(int(ent_ts.min()) if len(ent_ts) else 0, int(q_lo.min()) if len(q_lo) else 0)
-    t1 = max(int(ent_ts.max()) if len(ent_ts) else 0, int(q_ts.max()) if len(q_ts) else 0)
-    span = t1 - t0 + 1
-    if max(nkeys, 1) * span < _COMPOSITE_LIMIT:
-        return ent_ts - t0, q_ts - t0, q_lo - t0, span
-    uniq = np.unique(np.concatenate([ent_ts, q_ts, q_lo]))  # dense ranks keep every comparison
-    return (np.searchsorted(uniq, ent_ts), np.searchsorted(uniq, q_ts), np.searchsorted(uniq, q_lo),
-            len(uniq))
-
-
-def _search(e_rank, e_t, q_rank, q_t, q_lo, span, max_len):
-    comp_e = e_rank * span + e_t
-    end = np.searchsorted(comp_e, q_rank * span + q_t, side="left")
-    lo = np.searchsorted(comp_e, q_rank * span + q_lo, side="left")
-    start = np.maximum(lo, end - max_len)
-    empty = start >= end
-    start[empty] = 0
-    end[empty] = 0
-    return start.astype(np.int64), end.astype(np.int64)
-
-
+# -- the core: offsets, via the shared point-in-time search (loopfm.data.history) -------------
 def build_offsets(key: np.ndarray, ts: np.ndarray, is_entry: np.ndarray, window: int, max_len: int):
     """Timeline order and per-row sequence offsets for rows in example-id (time) order.
 
@@ -150,43 +125,19 @@ def build_offsets(key: np.ndarray, ts: np.ndarray, is_entry: np.ndarray, window:
     ``timeline_rows[start:end]`` (as if every row were an example).
     """
     key, ts = np.asarray(key, np.int64), np.asarray(ts, np.int64)
-    n = len(key)
-    if n and np.any(ts[1:] < ts[:-1]):
+    if len(key) and np.any(ts[1:] < ts[:-1]):
         raise ValueError("rows must be in example-id order with non-decreasing timestamps")
     order = np.argsort(key, kind="stable")  # rows are in (ts, example_id) order -> (key, ts, id)
-    ks = key[order]
-    newrun = np.empty(n, bool)
-    newrun[:1] = True
-    np.not_equal(ks[1:], ks[:-1], out=newrun[1:])
-    rank = np.cumsum(newrun) - 1
-    del ks, newrun
-    ent = np.asarray(is_entry, bool)[order]
-    tss = ts[order]
-    e_t, q_t, q_lo, span = _time_codes(tss[ent], tss, window, int(rank[-1]) + 1 if n else 0)
-    s_sorted, e_sorted = _search(rank[ent], e_t, rank, q_t, q_lo, span, max_len)
-    start, end = np.empty(n, np.int64), np.empty(n, np.int64)
-    start[order], end[order] = s_sorted, e_sorted
-    return order[ent], start, end
+    rows = order[np.asarray(is_entry, bool)[order]]
+    start, end = Timeline(key[rows], ts[rows], limit=_COMPOSITE_LIMIT).bounds(
+        key, ts, max_len=max_len, window=window)
+    return rows, start, end
 
 
 def query_offsets(tl_key: np.ndarray, tl_ts: np.ndarray, q_key: np.ndarray, q_ts: np.ndarray,
                   window: int, max_len: int):
     """Offsets into an existing timeline (sorted by key, ts) for arbitrary queries (append path)."""
-    tl_key, tl_ts = np.asarray(tl_key, np.int64), np.asarray(tl_ts, np.int64)
-    q_key, q_ts = np.asarray(q_key, np.int64), np.asarray(q_ts, np.int64)
-    newrun = np.ones(len(tl_key), bool)
-    newrun[1:] = tl_key[1:] != tl_key[:-1]
-    ukeys = tl_key[newrun]
-    e_rank = np.cumsum(newrun) - 1
-    q_rank = np.searchsorted(ukeys, q_key)
-    present = np.zeros(len(q_key), bool)
-    ok = q_rank < len(ukeys)
-    present[ok] = ukeys[q_rank[ok]] == q_key[ok]
-    e_t, q_t, q_lo, span = _time_codes(tl_ts, q_ts, window, len(ukeys) + 1)
-    start, end = _search(e_rank, e_t, q_rank, q_t, q_lo, span, max_len)
-    start[~present] = 0
-    end[~present] = 0
-    return start, end
+    return Timeline(tl_key, tl_ts, limit=_COMPOSITE_LIMIT).bounds(q_key, q_ts, max_len=max_len, window=window)
 
 
 # -- the stage -----------------------------------------------------------------------------------

@@ -380,7 +380,7 @@ def test_deterministic(tmp_path, rows):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda s: s["features"][3].update(kind="cat"),
-     "features[3].kind: 'cat' is not one of categorical|numeric|sequence; did you mean 'categorical'?"),
+     "features[3].kind: 'cat' is not one of categorical|numeric|sequence|history; did you mean 'categorical'?"),
     (lambda s: s["features"][2].update(fmonly=True), "features[2].fmonly: unknown key; did you mean 'fm_only'?"),
     (lambda s: s.update(lable={"column": "clicked"}), "lable: unknown key; did you mean 'label'?"),
     (lambda s: s["timestamp"].update(tz="Europe/Berln"),
@@ -393,7 +393,7 @@ def test_deterministic(tmp_path, rows):
     (lambda s: s["features"][2].update(name="label"), "features[2].name: 'label' is reserved"),
     (lambda s: s.update(days={"by": "calender"}), "days.by: 'calender' is not one of equal_count|calendar"),
     (lambda s: s.update(label={"constant": 2}), "label.constant: expected 0 or 1, got 2"),
-    (lambda s: s.update(delimiter="::"), "delimiter: expected one character"),
+    (lambda s: s.update(delimiter="\n"), "delimiter: expected a field separator without line breaks"),
     (lambda s: s.update(header=False), "columns: a CSV with header: false needs `columns`"),
     (lambda s: s["features"].append({"name": "uid", "kind": "numeric"}), "features[6].name: duplicate feature name 'uid'"),
 ])

@@ -273,7 +273,7 @@ def _edit(sample: Path, tmp_path: Path, line: int, column: str | None, value: st
 
 @pytest.mark.parametrize("line, column, value, header, row, message", [
     (1, None, None, {"clk": "clik"}, 1, "missing column 'clk'; did you mean 'clik'?"),
-    (5, "price", None, None, 5, "expected 19 fields, found 18"),
+    (5, "price", None, None, 5, "expected 19 fields, got 18"),
     (4, "price", "abc", None, 4, "expected a number, got 'abc'"),
     (9, "price", "-3", None, 9, "expected a non-negative price, got -3.0"),
     (6, "clk", "2", None, 6, "expected a click label 0 or 1, got '2'"),

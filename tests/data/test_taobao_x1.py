@@ -145,7 +145,7 @@ def _write_dmr(rows: list[list[str]], path: Path) -> Path:
 
 
 @pytest.mark.parametrize("line, field, value, column, message", [
-    (7, 100, None, None, "expected 267 fields, found 266"),
+    (7, 100, None, "clk", "expected 267 fields, got 266"),  # the row ends before clk
     (3, 264, "abc", "price", "expected a number, got 'abc'"),
     (5, 60, "x", "cate_his_10", "expected an integer, got 'x'"),
     (4, 266, "2", "clk", "expected a click label 0 or 1, got '2'"),
@@ -186,7 +186,7 @@ def test_bad_x1_files(tmp_path, dmr):
     bad = good.copy()
     bad[8] = bad[8].rsplit(",", 1)[0]
     e = attempt(bad)
-    assert e.row == 9 and "expected 21 fields, found 20" in str(e)
+    assert e.row == 9 and "expected 21 fields, got 20" in str(e)
     bad = good.copy()
     bad[3] = "2" + bad[3][1:]
     e = attempt(bad)

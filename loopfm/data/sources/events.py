@@ -19,6 +19,7 @@ categorical|numeric|sequence; did you mean 'categorical'?``)::
       - {name: region, kind: categorical, fm_only: true}
       - {name: price, kind: numeric}
       - {name: tags, kind: sequence, sep: "|", max_len: 10}
+      - {name: hist_iid, kind: history, of: iid, max_len: 50}   # built by the framework
     days: 8                               # equal-count periods; or {by: calendar, tz: "UTC"}
 
 Top-level keys:
@@ -26,13 +27,13 @@ Top-level keys:
 * ``dataset`` -- name of the dataset (default: the input file's stem).
 * ``format`` -- ``csv`` or ``parquet``; default ``parquet`` for ``.parquet``/``.pq`` files,
   else ``csv``.
-* CSV only: ``delimiter`` (one character, default ``,``; ``"\\t"`` for TSV), ``quote_char``
-  (default ``'"'``; ``false`` = no quoting), ``header`` (default ``true``; with ``false`` the
-  file has no header line and ``columns`` lists its column names in order), ``columns``,
+* CSV only: ``delimiter`` (default ``,``; ``"\\t"`` for TSV; several characters work too, e.g.
+  ``"::"`` for the GroupLens MovieLens-1M/10M files), ``quote_char`` (default ``'"'``, but no
+  quoting for a multi-character delimiter; ``false`` = no quoting), ``header`` (default
+  ``true``; with ``false`` the file has no header line and ``columns`` lists its column names in
+  order), ``columns``,
   ``encoding`` (default ``utf-8``). Values may not contain line breaks (one row per line).
-  Multi-character delimiters (the original MovieLens-1M ``::`` files) are not supported:
-  convert such files first, or use a joined CSV like ``format-samples/ml-1m_joined_200.txt``,
-  whose quoted titles (``"Bridges of Madison County, The (1995)"``) plain CSV quoting covers.
+  Latin-1 files (MovieLens titles): ``encoding: latin-1``.
 * ``timestamp`` -- ``column``, and either ``unit`` (integer epoch values in s, ms, us or ns;
   values like ``881250949.0`` are accepted, fractions are not) or ``strftime`` (a format for
   ``pyarrow.compute.strptime``) with ``tz`` (IANA zone of the local times, default UTC; a ``%z``
@@ -57,6 +58,21 @@ Top-level keys:
   (default 50; prepare keeps the newest). Sequence values must be newest last.
   Names ``ts``, ``label``, ``day`` and ``example_id`` are reserved: use ``column:`` to read an
   input column of that name under another feature name.
+* ``kind: history`` -- a behaviour history built here, point in time: per row, the values of
+  ``of`` in the same key's *strictly earlier* events (``t_i < t``: events of the same second do
+  not see each other), oldest -> newest, the newest ``max_len`` (default 50). ``of``: a
+  categorical feature (the history then shares its vocabulary, e.g. ``hist_iid`` and ``iid``
+  share ids and embedding rows), a numeric feature or any input column (e.g. the ``rating``
+  behind a ``min:`` label; own vocabulary). ``key``: a categorical feature or input column
+  (default: the schema's ``user``). ``window_days``: only events at most this old.
+  ``labels``: ``all`` (default), ``positive`` or ``negative`` events only. Defaults:
+  ``fm_only: true`` (the feature gap: the FM reads the history, a VM gets it only through
+  LoopFM sequences), ``group: history`` (the FM's behaviour group that DIN/DMIN attend over),
+  ``role: user``. Histories with the same key, window and label filter are aligned (entry k
+  of each is the same event). Built by `loopfm.data.history` (the rule build-sequences and the
+  other sources follow) in one streaming pass in time order: the converted rows are spilled to
+  sorted runs in a temp folder and merged, so memory is one chunk plus, per key, ``max_len``
+  entries (plus those of its latest second).
 * ``days`` -- an integer N (N equal-count periods in time order, `DayRule("equal_count")`),
   ``{by: equal_count, num_days: N}``, or ``{by: calendar, tz: ZONE}`` (one day per local date;
   ``tz`` defaults to the timestamp's ``tz``).
@@ -74,11 +90,10 @@ outside {0,1}, non-numbers in numeric columns, timestamps outside [1990-01-01, n
 """
 from __future__ import annotations
 
-import csv
 import difflib
 import re
+import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -90,14 +105,19 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import yaml
 
+from loopfm.config import ConfigError
 from loopfm.data.errors import DataError
+from loopfm.data.history import StreamingHistories, time_ordered
 from loopfm.data.schema import KINDS, ROLES, FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
+from loopfm.data.text import DelimitedReader, local_to_utc, parse_float_strings, parse_int_strings
+from loopfm.data.text import mask as _mask
+from loopfm.data.text import trimmed as _strings
 
 RESERVED = ("example_id", "ts", "day", "label")
+EVENT_KINDS = KINDS + ("history",)
+HISTORY_LABELS = ("all", "positive", "negative")
 UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-_INT_RE = r"^[+-]?\d+(\.0*)?$"
-_FLOAT_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
 
 @dataclass(kw_only=True)
@@ -147,6 +167,15 @@ class FeatureEntry:
     max_len: int = 0
     sep: str = "|"
     missing: float | None = None
+    # kind: history only (see HistoryEntry in the module docs): input columns of the values and
+    # the key, and which earlier events count
+    of: str = ""
+    of_column: str = ""
+    key: str = ""
+    key_column: str = ""
+    window_days: float | None = None
+    labels: str = "all"
+    yaml_path: str = ""
 
 
 @dataclass
@@ -170,8 +199,13 @@ class EventsSchema:
         cols = [self.timestamp.column]
         if self.label.column is not None:
             cols.append(self.label.column)
-        cols += [self.user, self.item] + [f.column for f in self.features]
+        cols += [self.user, self.item]
+        for f in self.features:
+            cols += [f.of_column, f.key_column] if f.kind == "history" else [f.column]
         return list(dict.fromkeys(cols))
+
+    def histories(self) -> list[FeatureEntry]:
+        return [f for f in self.features if f.kind == "history"]
 
     def key_feature(self, column: str) -> FeatureEntry:
         return next(f for f in self.features if f.column == column and f.kind == "categorical")
@@ -258,6 +292,52 @@ def _zone(reader: _Reader, key: str, default: str) -> str:
     return tz
 
 
+def _history_entry(fr: _Reader, name: str, features: list[FeatureEntry]) -> FeatureEntry:
+    """A ``kind: history`` mapping (references to other features are resolved later)."""
+    if name in RESERVED:
+        raise fr.fail("name", f"{name!r} is reserved for event-log columns ({', '.join(RESERVED)})")
+    if any(f.name == name for f in features):
+        raise fr.fail("name", f"duplicate feature name {name!r}")
+    for key, why in (("column", "a history is built from `of`"), ("sep", "only for sequence features"),
+                     ("missing", "only for numeric features")):
+        if fr.has(key):
+            raise fr.fail(key, f"not for history features ({why})")
+    window = fr.number("window_days")
+    if window is not None and not window > 0:
+        raise fr.fail("window_days", f"expected a positive number of days, got {window:g}")
+    return FeatureEntry(
+        name=name, kind="history", column="", role=fr.choice("role", ROLES, "user"),
+        fm_only=fr.bool("fm_only", True), vocab=fr.str("vocab", None), group=fr.str("group", "history"),
+        description=fr.str("description", ""), max_len=fr.int("max_len", 50, minimum=1),
+        of=fr.str("of"), key=fr.str("key", ""), window_days=window,
+        labels=fr.choice("labels", HISTORY_LABELS, "all"), yaml_path=fr.path)
+
+
+def _resolve_history(f: FeatureEntry, features: list[FeatureEntry], user: str, item: str,
+                     schema_file: str) -> None:
+    """``of`` and ``key`` name a feature (its input column is read) or an input column."""
+    where = f.yaml_path
+    others = {g.name: g for g in features if g is not f}
+    target = others.get(f.of)
+    if target is not None:
+        if target.kind not in ("categorical", "numeric"):
+            raise SchemaError(f"{where}.of", f"{f.of!r} is a {target.kind} feature; a history holds the "
+                                             f"values of a categorical or numeric column", file=schema_file)
+        f.of_column = target.column
+        if f.vocab is None and target.kind == "categorical":
+            f.vocab = target.vocab or target.name  # hist_item_id shares item_id's ids and embeddings
+    else:
+        f.of_column = f.of  # an input column that is no feature (e.g. the rating behind the label)
+    key = f.key or user
+    target = others.get(key)
+    if target is not None and target.kind != "categorical":
+        raise SchemaError(f"{where}.key", f"{key!r} is a {target.kind} feature; the key of a history "
+                                          f"must be categorical (e.g. the user)", file=schema_file)
+    f.key_column = target.column if target is not None else key
+    if f.key_column == item and f.role == "user" and f.key:
+        f.role = "item"
+
+
 def parse_schema(raw: Any, *, input_path: str, schema_file: str = "") -> EventsSchema:
     """Validate a ``yaml.safe_load``-ed schema into an `EventsSchema`."""
     top_keys = ["dataset", "format", "delimiter", "quote_char", "header", "columns", "encoding",
@@ -270,10 +350,10 @@ def parse_schema(raw: Any, *, input_path: str, schema_file: str = "") -> EventsS
     fmt = top.choice("format", ("csv", "parquet"), "parquet" if suffix in (".parquet", ".pq") else "csv")
     dataset = top.str("dataset", Path(input_path).stem or "events")
     delimiter = top.str("delimiter", ",")
-    if len(delimiter) != 1:
-        raise top.fail("delimiter", f"expected one character, got {delimiter!r} (multi-character "
-                                    f"delimiters are not supported; convert the file first)")
-    quote_char = top.raw.get("quote_char", '"')
+    if "\n" in delimiter or "\r" in delimiter:
+        raise top.fail("delimiter", f"expected a field separator without line breaks, got {delimiter!r}")
+    # Quoting is off by default for multi-character delimiters (GroupLens titles hold bare quotes).
+    quote_char = top.raw.get("quote_char", '"' if len(delimiter) == 1 else False)
     if quote_char is not False and not (isinstance(quote_char, str) and len(quote_char) == 1):
         raise top.fail("quote_char", f"expected one character or false, got {quote_char!r}")
     header = top.bool("header", True)
@@ -327,14 +407,20 @@ def parse_schema(raw: Any, *, input_path: str, schema_file: str = "") -> EventsS
     if not isinstance(feats_raw, list):
         raise top.fail("features", f"expected a list of feature mappings, got {feats_raw!r}")
     feature_keys = ["name", "kind", "column", "role", "fm_only", "vocab", "group", "description",
-                    "max_len", "sep", "missing"]
+                    "max_len", "sep", "missing", "of", "key", "window_days", "labels"]
     features: list[FeatureEntry] = []
     for i, fr_raw in enumerate(feats_raw):
         fr = _Reader(fr_raw, f"features[{i}]", feature_keys, schema_file)
         name = fr.str("name")
         if not name.isidentifier():  # a feature name becomes a file name: no paths, no spaces
             raise fr.fail("name", f"{name!r} is not an identifier (letters, digits, _; e.g. {_identifier(name)!r})")
-        kind = fr.choice("kind", KINDS)
+        kind = fr.choice("kind", EVENT_KINDS)
+        if kind == "history":
+            features.append(_history_entry(fr, name, features))
+            continue
+        for key in ("of", "key", "window_days", "labels"):
+            if fr.has(key):
+                raise fr.fail(key, f"only for history features (this one is {kind})")
         column = fr.str("column", name)
         default_role = "user" if column == user else "item" if column == item else "context"
         role = fr.choice("role", ROLES, default_role)
@@ -370,7 +456,7 @@ def parse_schema(raw: Any, *, input_path: str, schema_file: str = "") -> EventsS
             raise SchemaError(where, f"{f.vocab!r} itself shares {target.vocab!r}'s vocabulary; "
                                      f"name {target.vocab!r} instead", file=schema_file)
     for col, role in ((user, "user"), (item, "item")):
-        owners = [f for f in features if f.column == col]
+        owners = [f for f in features if f.column == col and f.kind != "history"]
         if any(f.kind != "categorical" for f in owners) and not any(f.kind == "categorical" for f in owners):
             raise top.fail(role, f"the {role} column {col!r} must be read by a categorical feature")
         if not owners:
@@ -379,6 +465,9 @@ def parse_schema(raw: Any, *, input_path: str, schema_file: str = "") -> EventsS
                                      f"list a categorical feature with column: {col}")
             features.insert(0 if role == "user" else 1, FeatureEntry(
                 name=col, kind="categorical", column=col, role=role, group=role))
+    for i, f in enumerate(features):
+        if f.kind == "history":
+            _resolve_history(f, features, user, item, schema_file)
 
     # days
     days_raw = raw.get("days", 8)
@@ -413,148 +502,7 @@ def load_schema(path: str | Path, *, input_path: str) -> EventsSchema:
     return parse_schema(raw, input_path=input_path, schema_file=str(path))
 
 
-# --- reading delimited text with line numbers --------------------------------------------------
-
-class DelimitedReader:
-    """Streams a delimited text file as all-string tables of ``chunk_rows`` rows.
-
-    Keeps what is needed to turn a data-row index back into the physical 1-based line number
-    (header = line 1; blank lines, which pyarrow skips, are counted). Ragged rows raise a
-    `DataError`, or are skipped and counted with ``skip_ragged``.
-    """
-
-    def __init__(self, path: str, *, delimiter: str, quote_char: str | bool, header: bool,
-                 columns: list[str] | None, encoding: str, include: list[str], chunk_rows: int,
-                 skip_ragged: bool = False, what: str = ""):
-        self.path, self.delimiter, self.quote_char = path, delimiter, quote_char
-        self.header, self.encoding, self.chunk_rows = header, encoding, chunk_rows
-        self.include, self.skip_ragged, self.what = include, skip_ragged, what
-        self.ragged_skipped = 0
-        self._dropped: list[int] = []  # logical row numbers of skipped ragged rows
-        self._ragged: tuple[int | None, int, int, str] | None = None
-        self.names = columns if not header else self._read_header()
-
-    def _read_header(self) -> list[str] | None:
-        enc = "utf-8-sig" if self.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else self.encoding
-        with open(self.path, encoding=enc, newline="") as f:
-            line = f.readline()
-        if not line.strip():
-            return None
-        quoting = {"quoting": csv.QUOTE_NONE} if self.quote_char is False else {"quotechar": self.quote_char}
-        return next(csv.reader([line.rstrip("\r\n")], delimiter=self.delimiter, **quoting))
-
-    def _handler(self, row) -> str:
-        if self.skip_ragged:
-            self._dropped.append(row.number)
-            self.ragged_skipped += 1
-            return "skip"
-        if self._ragged is None:
-            self._ragged = (row.number, row.expected_columns, row.actual_columns, row.text)
-        return "error"
-
-    def logical_row(self, k: int) -> int:
-        """Logical line (blank lines not counted) of the 0-based data row ``k``."""
-        line = k + (2 if self.header else 1)
-        for s in self._dropped:
-            if s <= line:
-                line += 1
-            else:
-                break
-        return line
-
-    def physical_line(self, logical: int) -> int:
-        """Physical 1-based line of a logical one (error path only: scans the file)."""
-        seen = 0
-        with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if raw.rstrip(b"\r\n"):
-                    seen += 1
-                    if seen == logical:
-                        return number
-        return logical
-
-    def line(self, k: int) -> int:
-        return self.physical_line(self.logical_row(k))
-
-    def _ragged_error(self) -> DataError:
-        number, expected, actual, text = self._ragged
-        names = self.names or []
-        if actual < expected:
-            column = names[actual] if actual < len(names) else None
-            msg = f"expected {expected} fields, got {actual} (the row ends before this column)"
-        else:
-            column = names[-1] if names else None
-            msg = f"expected {expected} fields, got {actual} (extra fields after this column)"
-        text = text if len(text) <= 80 else text[:77] + "..."
-        row = self.physical_line(number) if number is not None else None
-        return DataError(f"{msg}: {text!r}", file=self.path, row=row, column=column)
-
-    def tables(self) -> Iterator[pa.Table]:
-        read = pcsv.ReadOptions(use_threads=False, encoding=self.encoding,
-                                column_names=None if self.header else self.names)
-        parse = pcsv.ParseOptions(delimiter=self.delimiter, quote_char=self.quote_char,
-                                  invalid_row_handler=self._handler)
-        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in self.include},
-                                      include_columns=self.include, strings_can_be_null=False,
-                                      quoted_strings_can_be_null=False)
-        buf: list[pa.RecordBatch] = []
-        n = 0
-        try:
-            reader = pcsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=convert)
-            schema = reader.schema
-            for batch in reader:
-                buf.append(batch)
-                n += batch.num_rows
-                while n >= self.chunk_rows:
-                    table = pa.Table.from_batches(buf, schema)
-                    yield table.slice(0, self.chunk_rows)
-                    rest = table.slice(self.chunk_rows)
-                    buf, n = rest.to_batches(), rest.num_rows
-        except (pa.ArrowInvalid, UnicodeDecodeError) as err:
-            if self._ragged is not None:
-                raise self._ragged_error() from None
-            raise DataError(f"cannot parse the {self.what or 'file'}: {err}", file=self.path) from None
-        if n:
-            yield pa.Table.from_batches(buf, schema)
-
-
-# --- value conversion (shared with other sources) ----------------------------------------------
-
-def _mask(arr: pa.Array) -> np.ndarray:
-    return np.asarray(pc.fill_null(arr, True).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _strings(arr: pa.Array) -> pa.Array:
-    return pc.utf8_trim_whitespace(arr.cast(pa.string()))
-
-
-def parse_int_strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Integer strings (``"881250949"``, ``"881250949.0"``) -> (int64 values, bad mask)."""
-    s = _strings(arr)
-    ok = pc.fill_null(pc.match_substring_regex(s, _INT_RE), False)
-    cleaned = pc.replace_substring_regex(pc.if_else(ok, s, "0"), r"\.0*$", "")
-    try:
-        values = cleaned.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, OverflowError):  # out of int64 range: find it in Python
-        vals, okl = [], []
-        for v in cleaned.to_pylist():
-            try:
-                vals.append(int(v)); okl.append(-2**63 <= int(v) < 2**63)
-            except ValueError:
-                vals.append(0); okl.append(False)
-        values = np.array([v if o else 0 for v, o in zip(vals, okl)], dtype=np.int64)
-        ok = pc.and_(ok, pa.array(okl))
-    return values.astype(np.int64, copy=False), ~_mask(pc.fill_null(ok, False))
-
-
-def parse_float_strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Finite decimal number strings -> (float64 values, bad mask); empty/garbage are bad."""
-    s = _strings(arr)
-    ok = pc.fill_null(pc.match_substring_regex(s, _FLOAT_RE), False)
-    values = pc.if_else(ok, s, "0").cast(pa.float64()).to_numpy(zero_copy_only=False)
-    bad = ~_mask(ok) | ~np.isfinite(values)
-    return np.where(bad, 0.0, values), bad
-
+# --- value conversion -------------------------------------------------------------------------
 
 def _numeric(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Any column -> (float64 values, bad mask)."""
@@ -566,18 +514,6 @@ def _numeric(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         bad = ~np.isfinite(values)
         return np.where(bad, 0.0, values), bad
     raise TypeError(t)
-
-
-def local_to_utc(local: np.ndarray, tz: str) -> np.ndarray:
-    """Unix-like seconds of naive local times in ``tz`` -> true unix seconds."""
-    if tz == "UTC" or len(local) == 0:
-        return local
-    zone = ZoneInfo(tz)
-    hours, inverse = np.unique(local // 3600, return_inverse=True)
-    epoch = datetime(1970, 1, 1)
-    offsets = np.array([(epoch + timedelta(hours=int(h))).replace(tzinfo=zone).utcoffset().total_seconds()
-                        for h in hours], dtype=np.int64)
-    return local - offsets[inverse]
 
 
 def _first(mask: np.ndarray) -> int:
@@ -593,7 +529,7 @@ class EventsSource:
         for option, flag, what in (("input", "--input FILE", "the CSV or Parquet file of events"),
                                    ("schema", "--schema SCHEMA.yaml", "the YAML schema of that file")):
             if not getattr(cfg, option):
-                raise ValueError(f"the events source needs data.events.{option} ({what}; on the "
+                raise ConfigError(f"the events source needs data.events.{option} ({what}; on the "
                                  f"command line: {flag})")
         self.cfg, self.seed, self.chunk_rows = cfg, seed, chunk_rows
         self.path = str(cfg.input)
@@ -648,13 +584,23 @@ class EventsSource:
     # -- protocol --
     def info(self) -> SourceInfo:
         s = self.schema
-        feats = [FeatureSpec(name=f.name, kind=f.kind, role=f.role, fm_only=f.fm_only, vocab=f.vocab,
-                             max_len=f.max_len, group=f.group, description=f.description)
+        feats = [FeatureSpec(name=f.name, kind="sequence" if f.kind == "history" else f.kind, role=f.role,
+                             fm_only=f.fm_only, vocab=f.vocab, max_len=f.max_len, group=f.group,
+                             description=f.description or _history_description(f))
                  for f in s.features]
         return SourceInfo(dataset=s.dataset, user_key=s.key_feature(s.user).name,
                           item_key=s.key_feature(s.item).name, features=feats, days=s.days)
 
     def chunks(self) -> Iterator[pa.Table]:
+        if not self.schema.histories():
+            yield from self._converted()
+            return
+        with tempfile.TemporaryDirectory(prefix="loopfm-events-") as work:
+            yield from attach_histories(self._converted(), self.schema.histories(), Path(work),
+                                        self.chunk_rows)
+
+    def _converted(self) -> Iterator[pa.Table]:
+        """Converted chunks in file order (with the raw key/value columns histories need)."""
         s = self.schema
         self.skipped = {}
         total = 0
@@ -732,6 +678,8 @@ class EventsSource:
 
         out: dict[str, Any] = {"ts": None, "label": None}
         for f in s.features:
+            if f.kind == "history":
+                continue
             c = col(f.column)
             if f.kind == "categorical":
                 if not (pa.types.is_primitive(c.type) or pa.types.is_null(c.type) or pa.types.is_string(c.type)
@@ -773,6 +721,10 @@ class EventsSource:
                 claimed |= bad
         out["ts"] = pa.array(ts, pa.int64())
         out["label"] = pa.array(label, pa.int8())
+        for f in s.histories():  # raw values for attach_histories (categorical: as the feature reads them)
+            for c in (f.of_column, f.key_column):
+                if _raw_name(c) not in out:
+                    out[_raw_name(c)] = _history_values(col(c))
         result = pa.table(out)
         return result.filter(pa.array(~bad_any)) if bad_any.any() else result
 
@@ -827,3 +779,47 @@ class EventsSource:
         offsets = np.zeros(len(split) + 1, dtype=np.int32)
         np.cumsum(counts, out=offsets[1:])
         return pa.ListArray.from_arrays(pa.array(offsets), tokens.filter(pa.array(keep)))
+
+
+# --- kind: history ---------------------------------------------------------------------------------
+
+def _raw_name(column: str) -> str:
+    return f"__raw__{column}"
+
+
+def _history_values(c: pa.Array) -> pa.Array:
+    """A column's values as a categorical feature reads them (a dictionary column decoded)."""
+    return c.cast(pa.string()) if pa.types.is_dictionary(c.type) else c
+
+
+def _history_description(f: FeatureEntry) -> str:
+    if f.kind != "history":
+        return ""
+    window = f" within {f.window_days:g} days" if f.window_days else ""
+    which = "" if f.labels == "all" else f" {f.labels}"
+    return f"{f.of} of the same {f.key or 'user'}'s strictly earlier{which} events{window}, newest last"
+
+
+def attach_histories(chunks: Iterator[pa.Table], specs: list[FeatureEntry], work: Path,
+                     chunk_rows: int) -> Iterator[pa.Table]:
+    """Add every ``kind: history`` column, in one streaming pass over the rows in time order.
+
+    Histories with the same key, window and label filter share one `StreamingHistories` (their
+    lists are aligned); each keeps the group's longest ``max_len`` and prepare truncates it.
+    """
+    groups: dict[tuple, list[FeatureEntry]] = {}
+    for f in specs:
+        groups.setdefault((f.key_column, f.window_days, f.labels), []).append(f)
+    builders = {g: StreamingHistories(max(f.max_len for f in fs),
+                                      window=None if g[1] is None else int(round(g[1] * 86_400)))
+                for g, fs in groups.items()}
+    for table in time_ordered(chunks, work, chunk_rows):
+        label = table.column("label").to_numpy()
+        for (key_col, _, labels), fs in groups.items():
+            entry = None if labels == "all" else label == (1 if labels == "positive" else 0)
+            lists = builders[(key_col, _, labels)].update(
+                table.column(_raw_name(key_col)).combine_chunks(), table.column("ts").to_numpy(),
+                {f.name: table.column(_raw_name(f.of_column)).combine_chunks() for f in fs}, entry)
+            for f in fs:
+                table = table.append_column(f.name, lists[f.name])
+        yield table.drop_columns([c for c in table.column_names if c.startswith("__raw__")])

@@ -1,7 +1,8 @@
-"""`movielens`: MovieLens-100K ratings as impressions, with user/item side features and each
-user's behaviour history, in either of its two common layouts.
+"""`movielens`: MovieLens ratings as impressions, with user/item side features and each user's
+behaviour history, in every layout GroupLens and RecBole publish.
 
-Layouts (``layout: auto`` picks the one found in ``path``; ``recbole`` / ``grouplens`` force it):
+Layouts (``layout: auto`` picks the one whose files are in ``path``; naming one forces it; a
+folder matching none is an error listing what each layout needs):
 
 * RecBole "atomic files" (``<name>.inter``, ``<name>.user``, ``<name>.item``): tab-separated,
   header line of typed names ``name:type``; ``.inter`` has ``user_id, item_id, rating,
@@ -11,8 +12,17 @@ Layouts (``layout: auto`` picks the one found in ``path``; ``recbole`` / ``group
   tab-separated ``user item rating timestamp``; ``u.user`` is ``id|age|gender|occupation|zip``;
   ``u.item`` is latin-1 ``id|title|release date|video release date|url|`` + 19 genre flags in
   the order of ``u.genre`` (unknown, Action, ..., Western).
+* ``dat`` -- ML-1M and ML-10M (``ratings.dat``, ``movies.dat``, and ``users.dat`` in ML-1M only),
+  ``::``-separated, no header: ``UserID::MovieID::Rating::Timestamp``,
+  ``MovieID::Title::Genres`` (genres ``|``-separated; the year is the title's ``(YYYY)``),
+  ``UserID::Gender::Age::Occupation::Zip-code`` (age is already the ML-1M bucket code).
+* ``csv`` -- ML-20M, ML-25M, ml-latest(-small): ``ratings.csv`` (``userId,movieId,rating,
+  timestamp``) and ``movies.csv`` (``movieId,title,genres``, quoted titles), header lines; no
+  user table, so no user profile features.
 
-Both layouts give the same event log. ``path`` is resolved against the current directory (the
+Text encodings: side files are read as UTF-8 when they decode as UTF-8, else as Latin-1 (the
+ML-1M ``movies.dat`` and ML-100K ``u.item`` titles). Both ML-100K layouts give the same event
+log. ``path`` is resolved against the current directory (the
 default ``../shared/data/movielens-100k`` reaches the shared copy from the project root).
 
 Events: one per rating, in file order; ``ts`` = the rating's unix timestamp; ``label`` = rating
@@ -22,7 +32,7 @@ Features (vertical models see only ``user_id`` and ``item_id``; everything else 
 the FM's extra knowledge -- the feature gap of the paper):
 
 * ``user_id`` (user key), ``item_id`` (item key): categorical, VM-visible.
-* ``age`` -- the MovieLens-1M age bucket (under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+) with
+* (layouts with a user table) ``age`` -- the MovieLens-1M age bucket (under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+) with
   ``age: bucket`` (default), or the raw age with ``age: raw``; ``gender``; ``occupation``;
   ``zip`` -- the first ``zip_prefix`` characters of the zip code, upper-cased (default 1: the
   first digit, the US region; 3 gives the sectional centre; Canadian codes keep their letters).
@@ -60,9 +70,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from loopfm.data.errors import DataError
+from loopfm.data.history import history_lists
 from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
-from loopfm.data.sources.events import DelimitedReader, _suggest, parse_float_strings, parse_int_strings
+from loopfm.data.sources.events import _suggest
+from loopfm.data.text import DelimitedReader, parse_float_strings, parse_int_strings
 
 # u.genre order; RecBole's ``class`` tokens are put in this order too.
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -73,17 +85,35 @@ AGE_BUCKETS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (5
 INTER_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 USER_COLUMNS = ("user_id", "age", "gender", "occupation", "zip_code")
 ITEM_COLUMNS_GROUPLENS = ("item_id", "title", "release_date", "video_release_date", "url") + GENRES
+USER_COLUMNS_DAT = ("user_id", "gender", "age", "occupation", "zip_code")
+ITEM_COLUMNS_TITLED = ("item_id", "title", "genres")
+CSV_HEADERS = {"inter": ("userId", "movieId", "rating", "timestamp"), "item": ("movieId", "title", "genres")}
+# layout -> kind -> (file name or None for RecBole's <name>.<suffix>, delimiter, column names)
+LAYOUTS = {
+    "recbole": {"inter": (".inter", "\t", None), "user": (".user", "\t", None), "item": (".item", "\t", None)},
+    "grouplens": {"inter": ("u.data", "\t", INTER_COLUMNS), "user": ("u.user", "|", USER_COLUMNS),
+                  "item": ("u.item", "|", ITEM_COLUMNS_GROUPLENS)},
+    "dat": {"inter": ("ratings.dat", "::", INTER_COLUMNS), "user": ("users.dat", "::", USER_COLUMNS_DAT),
+            "item": ("movies.dat", "::", ITEM_COLUMNS_TITLED)},
+    "csv": {"inter": ("ratings.csv", ",", INTER_COLUMNS), "item": ("movies.csv", ",", ITEM_COLUMNS_TITLED)},
+}
+OPTIONAL = {("dat", "user")}  # ML-10M has no users.dat
+NEEDS = {"recbole": "<name>.inter, <name>.user, <name>.item (RecBole ML-100K)",
+         "grouplens": "u.data, u.user, u.item (GroupLens ML-100K)",
+         "dat": "ratings.dat, movies.dat (+ users.dat) with '::' (GroupLens ML-1M / ML-10M)",
+         "csv": "ratings.csv, movies.csv (GroupLens ML-20M / ML-25M / ml-latest)"}
 ALL_ROWS = 1 << 62
 
 
 @dataclass(kw_only=True)
 class MovieLensConfig:
-    """MovieLens-100K in the RecBole or GroupLens layout (see the module docs)."""
+    """MovieLens in any GroupLens or RecBole layout (see the module docs)."""
     path: str = field(default="../shared/data/movielens-100k", metadata={"input": True,
-        "help": "folder with ml-100k.inter/.user/.item (RecBole) or u.data/u.user/u.item (GroupLens); "
-                "relative to the current directory"})
-    layout: Literal["auto", "recbole", "grouplens"] = field(default="auto", metadata={
-        "help": "file layout; auto detects it from the folder"})
+        "help": "folder with ml-100k.inter/.user/.item (RecBole), u.data/u.user/u.item (GroupLens "
+                "ML-100K), ratings.dat/movies.dat/users.dat (ML-1M, ML-10M) or ratings.csv/movies.csv "
+                "(ML-20M, ML-25M, ml-latest); relative to the current directory"})
+    layout: Literal["auto", "recbole", "grouplens", "dat", "csv"] = field(default="auto", metadata={
+        "help": "file layout; auto detects it from the files in the folder"})
     label_min_rating: float = field(default=4.0, metadata={"help": "label = 1 when rating >= this"})
     history_len: int = field(default=50, metadata={
         "help": "max entries of the hist_item_id / hist_rating sequences (0 = no history features)"})
@@ -121,13 +151,13 @@ class MovieLensSource:
         layout = self.cfg.layout
         inters = sorted(folder.glob("*.inter"))
         if layout == "auto":
-            if inters:
-                layout = "recbole"
-            elif (folder / "u.data").exists():
-                layout = "grouplens"
-            else:
-                raise DataError("no MovieLens files: expected <name>.inter/.user/.item (RecBole layout) "
-                                "or u.data/u.user/u.item (GroupLens layout)", file=str(folder))
+            found = [name for name, first in (("recbole", bool(inters)), ("grouplens", (folder / "u.data").exists()),
+                                              ("dat", (folder / "ratings.dat").exists()),
+                                              ("csv", (folder / "ratings.csv").exists())) if first]
+            if not found:
+                raise DataError("no MovieLens files; each layout needs: " + "; ".join(
+                    f"{k}: {v}" for k, v in NEEDS.items()), file=str(folder))
+            layout = found[0]
         if layout == "recbole":
             if not inters:
                 raise DataError("missing file for the recbole layout: no <name>.inter here (the layout "
@@ -136,21 +166,25 @@ class MovieLensSource:
                 raise DataError(f"several .inter files {[p.name for p in inters]}; keep one per folder",
                                 file=str(folder))
             stem = inters[0].with_suffix("")
-            files = {"inter": inters[0], "user": stem.with_suffix(".user"), "item": stem.with_suffix(".item")}
+            files = {kind: stem.with_suffix(suffix) for kind, (suffix, _, _) in LAYOUTS["recbole"].items()}
         else:
-            files = {"inter": folder / "u.data", "user": folder / "u.user", "item": folder / "u.item"}
-        for path in files.values():
+            files = {kind: folder / name for kind, (name, _, _) in LAYOUTS[layout].items()}
+        for kind, path in list(files.items()):
             if not path.is_file():
-                needed = ", ".join(p.name for p in files.values())
-                raise DataError(f"missing file for the {layout} layout (it needs {needed})", file=str(path))
+                if (layout, kind) in OPTIONAL:
+                    del files[kind]
+                    continue
+                raise DataError(f"missing file for the {layout} layout (it needs {NEEDS[layout]})", file=str(path))
         return layout, files
 
     def _read(self, kind: str, columns: tuple[str, ...]) -> tuple[dict[str, pa.Array], DelimitedReader]:
         """Read one file whole as strings; returns base-named columns and the reader (line numbers)."""
         path = str(self.files[kind])
+        _, delimiter, names = LAYOUTS[self.layout][kind]
+        encoding = "utf-8" if kind == "inter" else _encoding(self.files[kind])
         if self.layout == "recbole":
             reader = DelimitedReader(path, delimiter="\t", quote_char=False, header=True, columns=None,
-                                     encoding="utf-8", include=[], chunk_rows=ALL_ROWS)
+                                     encoding=encoding, include=[], chunk_rows=ALL_ROWS)
             header = reader.names or []
             if not header:
                 raise DataError(f"the file is empty: expected a header line with {', '.join(columns)}",
@@ -165,11 +199,14 @@ class MovieLensSource:
             reader.include = list(wanted.values())
             reader.names = [h.split(":", 1)[0] for h in header]  # error messages name base columns
         else:
-            sep = "\t" if kind == "inter" else "|"
-            names = list(INTER_COLUMNS if kind == "inter" else USER_COLUMNS if kind == "user"
-                         else ITEM_COLUMNS_GROUPLENS)
-            reader = DelimitedReader(path, delimiter=sep, quote_char=False, header=False, columns=names,
-                                     encoding="latin-1" if kind == "item" else "utf-8",
+            header = self.layout == "csv"
+            if header:
+                found = DelimitedReader(path, delimiter=",", encoding=encoding, strip_names=True).names or []
+                if tuple(found) != CSV_HEADERS[kind]:
+                    raise DataError(f"expected the header {','.join(CSV_HEADERS[kind])}, got "
+                                    f"{','.join(found) or 'an empty file'}", file=path, row=1)
+            reader = DelimitedReader(path, delimiter=delimiter, quote_char='"' if header else False,
+                                     header=header, columns=list(names), encoding=encoding,
                                      include=list(columns), chunk_rows=ALL_ROWS)
             wanted = {c: c for c in columns}
         tables = list(reader.tables())
@@ -223,7 +260,15 @@ class MovieLensSource:
                 "occupation": pc.utf8_trim_whitespace(cols["occupation"]), "zip": _nullify_empty(zip_p)}
 
     def _items(self) -> dict[str, pa.Array]:
-        if self.layout == "recbole":
+        if self.layout in ("dat", "csv"):
+            cols, reader = self._read("item", ("item_id", "title", "genres"))
+            year = pc.utf8_trim_whitespace(pc.extract_regex(
+                cols["title"], r"\((?P<year>\d{4})\)\s*$").field("year"))
+            order = {g: k for k, g in enumerate(GENRES)}
+            genres = [sorted(dict.fromkeys(t for t in (v or "").split("|") if t and t != "(no genres listed)"),
+                             key=lambda g: (order.get(g, len(GENRES)),))
+                      for v in cols["genres"].to_pylist()]
+        elif self.layout == "recbole":
             cols, reader = self._read("item", ("item_id", "release_year", "class"))
             year = pc.utf8_trim_whitespace(cols["release_year"])
             order = {g: k for k, g in enumerate(GENRES)}
@@ -255,7 +300,9 @@ class MovieLensSource:
         age_desc = "age bucket (MovieLens-1M buckets)" if self.cfg.age == "bucket" else "age in years"
         for name, desc in (("age", age_desc), ("gender", "M/F"), ("occupation", "one of 21 occupations"),
                            ("zip", f"first {self.cfg.zip_prefix} character(s) of the zip code")):
-            f.append(FeatureSpec(name, "categorical", "user", fm_only=True, group="user_profile", description=desc))
+            if "user" in self.files:  # ML-10M and the csv layout have no user table
+                f.append(FeatureSpec(name, "categorical", "user", fm_only=True, group="user_profile",
+                                     description=desc))
         f.append(FeatureSpec("release_year", "categorical", "item", fm_only=True, group="item_profile",
                              description="year of the movie's release"))
         f.append(FeatureSpec("genres", "sequence", "item", fm_only=True, max_len=len(GENRES),
@@ -266,23 +313,31 @@ class MovieLensSource:
                                  group="history", description="items the user rated strictly earlier, newest last"))
             f.append(FeatureSpec(self._hist_value_name, "sequence", "user", fm_only=True, max_len=L,
                                  group="history", description=f"the {self.cfg.history_value}s of those ratings"))
-        return SourceInfo(dataset="movielens-100k", user_key="user_id", item_key="item_id", features=f,
+        return SourceInfo(dataset=self.dataset, user_key="user_id", item_key="item_id", features=f,
                           days=DayRule("equal_count", num_days=self.cfg.days))
+
+    @property
+    def dataset(self) -> str:
+        if self.layout in ("recbole", "grouplens"):
+            return "movielens-100k"
+        name = self.folder.resolve().name.lower()
+        return name if name.startswith("ml") and name != "ml" else f"movielens-{self.layout}"
 
     @property
     def _hist_value_name(self) -> str:
         return "hist_rating" if self.cfg.history_value == "rating" else "hist_label"
 
     def table(self) -> pa.Table:
-        """The whole event table (100K rows fit easily; `chunks` slices it)."""
+        """The whole event table (ML-100K/1M fit easily; ML-25M needs a few GB; `chunks` slices it)."""
         ev = self._events()
-        users, items = self._users(), self._items()
+        users, items = (self._users() if "user" in self.files else None), self._items()
         label = (ev["rating"] >= self.cfg.label_min_rating).astype(np.int8)
         cols: dict[str, pa.Array] = {"ts": pa.array(ev["ts"], pa.int64()), "label": pa.array(label),
                                      "user_id": ev["user_id"], "item_id": ev["item_id"]}
-        u_idx = pc.index_in(ev["user_id"], value_set=users["user_id"])
-        for name in ("age", "gender", "occupation", "zip"):
-            cols[name] = users[name].take(u_idx)
+        if users is not None:
+            u_idx = pc.index_in(ev["user_id"], value_set=users["user_id"])
+            for name in ("age", "gender", "occupation", "zip"):
+                cols[name] = users[name].take(u_idx)
         i_idx = pc.index_in(ev["item_id"], value_set=items["item_id"])
         cols["release_year"] = items["release_year"].take(i_idx)
         cols["genres"] = items["genres"].take(i_idx)
@@ -302,31 +357,14 @@ class MovieLensSource:
             yield table.slice(start, self.chunk_rows)
 
 
+def _encoding(path: Path) -> str:
+    """UTF-8 if the whole file decodes as UTF-8, else Latin-1 (older GroupLens files)."""
+    try:
+        path.read_bytes().decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
 def _nullify_empty(arr: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
-
-
-def history_lists(users: pa.Array, ts: np.ndarray, values: list[pa.Array], max_len: int) -> list[pa.ListArray]:
-    """Per row (file order): each of ``values`` over the same user's rows with a strictly smaller
-    timestamp, in (ts, file order) order, newest last, the newest ``max_len`` of them."""
-    n = len(ts)
-    user_code = pc.dictionary_encode(users).indices.to_numpy(zero_copy_only=False)
-    order = np.lexsort((np.arange(n), ts, user_code))
-    u, t = user_code[order], ts[order]
-    pos = np.arange(n)
-    new_user = np.ones(n, dtype=bool)
-    new_user[1:] = u[1:] != u[:-1]
-    new_group = new_user.copy()
-    new_group[1:] |= t[1:] != t[:-1]
-    user_start = np.maximum.accumulate(np.where(new_user, pos, 0))
-    end = np.maximum.accumulate(np.where(new_group, pos, 0))  # first row of the same (user, second)
-    start = np.maximum(user_start, end - max_len)
-    start_f, end_f = np.empty(n, np.int64), np.empty(n, np.int64)
-    start_f[order], end_f[order] = start, end
-    lengths = end_f - start_f
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    gather = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths) + np.repeat(start_f, lengths)
-    idx = pa.array(order[gather])
-    off = pa.array(offsets.astype(np.int32))
-    return [pa.ListArray.from_arrays(off, v.take(idx)) for v in values]

@@ -129,13 +129,14 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from loopfm.data.history import Timeline, gather, timeline_order
 from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
 
 BLOCK_ROWS = 65_536  # rows per generation block (one RNG stream each); independent of chunk_rows
 CALIBRATION_PAIRS = 200_000
 USER_BLOCK = 8_192  # users per block when sampling behaviour categories (bounds U x C memory)
-TIME_BITS = 23  # behaviour sort key = user << TIME_BITS | (ts - base); 2^23 s > 97 days
+TIME_BITS = 23  # days (+ pre-period) must fit 2^23 s (97 days): the generator's documented range
 
 PID_VALUES = ("430548_1007", "430539_1007")
 PID_PROBS = (0.55, 0.45)
@@ -514,14 +515,11 @@ class _World:
         kind = 2 + _draw(_cdf(np.array(NON_PV_SPLIT)), rng, n_b)
         b_btag = np.where(non_pv, kind, 1)
 
-        self.base_ts = cfg.start_ts - PRE_PERIOD_S - BEHAVIOUR_LEAD_S - 1
-        key = (b_user << TIME_BITS) | (b_ts - self.base_ts)
-        order = np.argsort(key, kind="stable")
-        self.b_key = key[order]
+        order = timeline_order(b_user, b_ts)
+        self.b_timeline = Timeline(b_user[order], b_ts[order])
         self.b_cat = (b_cat[order] + 1).astype(np.int32)
         self.b_brand = (b_brand[order] + 1).astype(np.int32)
         self.b_btag = b_btag[order].astype(np.int32)
-        self.b_user_start = b_start  # counts per user are unchanged by the sort
 
     # -- bias β0 so that the expected CTR is cfg.ctr --------------------------------------------
     def _calibrate(self, cfg: SyntheticConfig, rng: np.random.Generator) -> None:
@@ -561,10 +559,9 @@ class _World:
         label = (rng.random(n) < p).astype(np.int8)
 
         # behaviour history: the user's behaviours with t_b < t, newest history_len of them.
-        pos = np.searchsorted(self.b_key, (users << TIME_BITS) | (ts - self.base_ts), side="left")
-        lo = np.maximum(self.b_user_start[users], pos - cfg.history_len)
-        idx, offsets = _ranges(lo, pos - lo)
-        off = pa.array(offsets)
+        start, end = self.b_timeline.bounds(users, ts, max_len=cfg.history_len)
+        idx, offsets = gather(start, end)
+        off = pa.array(offsets.astype(np.int32))
 
         def seq(values: np.ndarray) -> pa.Array:
             return pa.ListArray.from_arrays(off, pa.array(values))

@@ -74,10 +74,9 @@ it needs about as much disk as the log in Parquet):
 
 1. stream behavior_log.csv and raw_sample.csv once each, writing each row to one of
    ``behavior_shards`` Parquet files chosen by ``user % behavior_shards``;
-2. per shard: stable-sort its events by the key (user, time) -- ties keep file order --, find for
-   each impression with ``searchsorted`` the first event at or after (user, time) (``end``) and
-   the user's first event, gather ``[max(user start, end - history_len), end)`` and write the
-   lists per block of ``chunk_rows`` raw_sample rows;
+2. per shard: the shared point-in-time search (`loopfm.data.history.Timeline`: events in
+   (user, time, file order), the newest ``history_len`` strictly earlier than each impression)
+   and write the lists per block of ``chunk_rows`` raw_sample rows;
 3. while yielding raw_sample chunks, read back that block's lists from every shard.
 
 Memory is one shard -- about 1/``behavior_shards`` of the log and of the impressions, with their
@@ -93,12 +92,10 @@ Line numbers assume no quoted field spans lines (true of all Tianchi files).
 """
 from __future__ import annotations
 
-import csv
 import difflib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -106,228 +103,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from loopfm.data.errors import DataError
+from loopfm.data.history import Timeline, gather, timeline_order
 from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
+from loopfm.data.text import (_first, iter_text_chunks, parse_float, parse_int, parse_label, parse_str,
+                              parse_time, read_header, require_columns)
 
-# --- text-file reading shared by the Taobao sources (taobao_x1 imports these) ------------------
-
-NULL_TOKENS = ("", "NULL")
-_INT_RE = r"^[+-]?[0-9]+$"
-_FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
-def read_header(path: Path, delimiter: str = ",") -> list[str]:
-    """The stripped column names of ``path``'s first line; `DataError` for an empty file."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        first = f.readline()
-    if not first.strip():
-        raise DataError("the file is empty (expected a header line)", file=str(path), row=1)
-    names = [n.strip() for n in next(csv.reader([first], delimiter=delimiter))]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DataError(f"duplicate column names {dupes} in the header", file=str(path), row=1)
-    return names
-
-
-def require_columns(path: Path, header: Sequence[str], required: Sequence[str]) -> None:
-    """`DataError` naming the first required column absent from ``header`` (nearest match hinted)."""
-    for name in required:
-        if name not in header:
-            near = difflib.get_close_matches(name, list(header), n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise DataError(f"missing column {name!r}{hint} (the header has {list(header)})",
-                            file=str(path), row=1, column=name)
-
-
-def iter_text_chunks(path: Path, *, names: Sequence[str], use: Sequence[str], chunk_rows: int,
-                     header: bool = True, delimiter: str = ",") -> Iterator[tuple[pa.Table, int]]:
-    """Stream ``path`` as string tables of exactly ``chunk_rows`` rows (the last may be shorter).
-
-    ``names`` are all the file's columns (the header is skipped and replaced by them), ``use`` the
-    ones kept. Yields ``(table, line)`` where ``line`` is the 1-based line number of the table's
-    first row. A row with the wrong number of fields is a `DataError` naming its line; an empty
-    line is read as a row of empty fields (so line numbers stay right) and fails where a value is
-    required.
-    """
-    ragged: list[tuple[int | None, int]] = []
-
-    def on_invalid(row) -> str:
-        ragged.append((row.number, row.actual_columns))
-        return "skip"
-
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=list(names), skip_rows=1 if header else 0,
-                                       block_size=int(min(max(chunk_rows * 256, 1 << 16), 64 << 20)),
-                                       encoding="utf8"),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid,
-                                         ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in use},
-                                             include_columns=list(use), strings_can_be_null=False,
-                                             quoted_strings_can_be_null=False),
-    )
-    first_line = 2 if header else 1
-    pending: list[pa.RecordBatch] = []
-    pending_rows = 0
-    total = 0
-
-    def check_ragged() -> None:
-        if ragged:
-            line, found = ragged[0]
-            if line is None:  # multi-threaded parsing does not know the line: find it
-                line, found = _find_ragged_line(path, len(names), delimiter, header)
-            raise DataError(f"expected {len(names)} fields, found {found}", file=str(path), row=line)
-
-    def take(n: int) -> pa.Table:
-        nonlocal pending, pending_rows
-        table = pa.Table.from_batches(pending, schema=reader.schema)
-        out, rest = table.slice(0, n), table.slice(n)
-        pending, pending_rows = rest.to_batches(), rest.num_rows
-        return out.combine_chunks()
-
-    for batch in reader:
-        check_ragged()
-        pending.append(batch)
-        pending_rows += batch.num_rows
-        while pending_rows >= chunk_rows:
-            out = take(chunk_rows)
-            yield out, first_line + total
-            total += out.num_rows
-    check_ragged()
-    if pending_rows:
-        out = take(pending_rows)
-        yield out, first_line + total
-        total += out.num_rows
-    if total == 0:
-        raise DataError("the file has no data rows" + (" (only a header)" if header else ""),
-                        file=str(path), row=first_line)
-
-
-def _find_ragged_line(path: Path, n_fields: int, delimiter: str, header: bool) -> tuple[int, int]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for line, fields in enumerate(csv.reader(f, delimiter=delimiter), start=1):
-            if (line > 1 or not header) and len(fields) != n_fields and fields:
-                return line, len(fields)
-    return -1, -1  # not found again (cannot happen for a file that did not change)
-
-
-def _first(mask: pa.Array | pa.ChunkedArray) -> int:
-    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))[0])
-
-
-def _strings(col: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-
-
-def _is_null_token(col: pa.Array) -> pa.Array:
-    return pc.is_in(col, value_set=pa.array(NULL_TOKENS))
-
-
-def parse_str(col: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """A categorical string column: empty and ``NULL`` become null (missing)."""
-    col = _strings(col)
-    return pc.if_else(_is_null_token(col), pa.scalar(None, pa.string()), col)
-
-
-def parse_int(col: pa.Array | pa.ChunkedArray, *, file: str, line: int, column: str,
-              nullable: bool = False, what: str = "an integer") -> pa.Array:
-    """int64 from strings; empty/``NULL`` is null when ``nullable``, else an error."""
-    col = _strings(col)
-    null = _is_null_token(col) if nullable else None
-    try:  # fast path: a plain cast succeeds on clean input; only a failure pays for the search
-        return pc.cast(pc.if_else(null, pa.scalar(None, pa.string()), col) if nullable else col,
-                       pa.int64())
-    except pa.ArrowInvalid:
-        pass
-    bad = pc.invert(pc.match_substring_regex(col, _INT_RE))
-    if nullable:
-        bad = pc.and_(bad, pc.invert(null))
-    if pc.any(bad).as_py():
-        i = _first(bad)
-        got = col[i].as_py()
-        raise DataError(f"expected {what}, got " + (repr(got) if got else "an empty value"),
-                        file=file, row=line + i, column=column)
-    cleaned = pc.if_else(null, pa.scalar(None, pa.string()), col) if nullable else col
-    try:
-        return pc.cast(cleaned, pa.int64())
-    except pa.ArrowInvalid:  # more than 19 digits
-        values = cleaned.to_pylist()
-        i = next(k for k, v in enumerate(values) if v is not None and not -2**63 <= int(v) < 2**63)
-        raise DataError(f"expected {what} within int64, got {values[i]!r}", file=file,
-                        row=line + i, column=column) from None
-
-
-def parse_float(col: pa.Array | pa.ChunkedArray, *, file: str, line: int, column: str) -> pa.Array:
-    """float64 from strings; empty values and non-numbers (also nan/inf) are errors."""
-    col = _strings(col)
-    try:  # fast path, as in parse_int; nan/inf parse but are rejected below
-        out = pc.cast(col, pa.float64())
-        if pc.all(pc.is_finite(out)).as_py() is not False:
-            return out
-    except pa.ArrowInvalid:
-        pass
-    bad = pc.invert(pc.match_substring_regex(col, _FLOAT_RE))
-    if pc.any(bad).as_py():
-        i = _first(bad)
-        got = col[i].as_py()
-        raise DataError("expected a number, got " + (repr(got) if got else "an empty value"),
-                        file=file, row=line + i, column=column)
-    return pc.cast(col, pa.float64())
-
-
-_LABELS = pa.array(["0", "1", "0.0", "1.0"])
-
-
-def parse_label(col: pa.Array | pa.ChunkedArray, *, file: str, line: int, column: str) -> pa.Array:
-    """A click label: 0 or 1 (also written 0.0 / 1.0)."""
-    col = _strings(col)
-    bad = pc.invert(pc.is_in(col, value_set=_LABELS))
-    if pc.any(bad).as_py():
-        i = _first(bad)
-        got = col[i].as_py()
-        raise DataError("expected a click label 0 or 1, got " + (repr(got) if got else "an empty value"),
-                        file=file, row=line + i, column=column)
-    return pc.cast(pc.is_in(col, value_set=pa.array(["1", "1.0"])), pa.int8())
-
-
-def parse_time(col: pa.Array | pa.ChunkedArray, *, file: str, line: int, column: str,
-               tz: str) -> np.ndarray:
-    """Unix seconds (int64) from integer seconds or ``YYYY-MM-DD HH:MM:SS`` local time in ``tz``."""
-    col = _strings(col)
-    is_int = pc.match_substring_regex(col, _INT_RE)
-    naive = pc.strptime(col, format=_TIME_FORMAT, unit="s", error_is_null=True)
-    bad = pc.and_(pc.invert(is_int), pc.is_null(naive))
-    if pc.any(bad).as_py():
-        i = _first(bad)
-        got = col[i].as_py()
-        raise DataError("expected a unix timestamp in seconds or a 'YYYY-MM-DD HH:MM:SS' date-time, "
-                        "got " + (repr(got) if got else "an empty value"),
-                        file=file, row=line + i, column=column)
-    out = np.zeros(len(col), dtype=np.int64)
-    ints = np.asarray(is_int.to_numpy(zero_copy_only=False), dtype=bool)
-    if ints.any():
-        digits = pc.if_else(is_int, col, pa.scalar("0"))
-        out[ints] = parse_int(digits, file=file, line=line, column=column,
-                              what="a unix timestamp").to_numpy()[ints]
-    if not ints.all():
-        wall = pc.fill_null(naive.cast(pa.int64()), 0).to_numpy()[~ints]
-        out[~ints] = wall - _utc_offsets(wall, tz)
-    return out
-
-
-def _utc_offsets(wall: np.ndarray, tz: str) -> np.ndarray:
-    """UTC offsets (seconds) of local wall-clock times; looked up once per distinct hour."""
-    zone = ZoneInfo(tz)
-    hours, inverse = np.unique(wall // 3600, return_inverse=True)
-    offsets = np.array([datetime.fromtimestamp(int(h) * 3600, tz=timezone.utc).replace(tzinfo=zone)
-                        .utcoffset().total_seconds() for h in hours], dtype=np.int64)
-    return offsets[inverse]
-
+# Text reading and converters: loopfm.data.text (shared with every text source).
 
 # --- the source ---------------------------------------------------------------------------------
 
@@ -662,25 +447,11 @@ class _BehaviorHistories:
         ev = self._read_shard("ev", s, self.EVENT_SCHEMA)
         eu, et = ev.column("user").to_numpy(), ev.column("ts").to_numpy()
         iu, it = imp.column("user").to_numpy(), imp.column("ts").to_numpy()
-        # One int64 key per (user, time): user in the high 31 bits, seconds since the earliest
-        # time in the low 32. A stable sort of the events by key is (user, time, file order).
-        t0 = min(et.min(initial=it.min()), it.min())
-        for users, times, what in ((eu, et, "behavior_log.csv"), (iu, it, "raw_sample.csv")):
-            if len(users) and (users.min() < 0 or users.max() >= 2**31 or times.max() - t0 >= 2**32):
-                raise DataError("behaviour histories need user ids in 0..2^31-1 and times within "
-                                "136 years of each other", file=str(self.folder / what))
-        ekey = (eu << 32) | (et - t0)
-        order = np.argsort(ekey, kind="stable")
-        ekey = ekey[order]
-        # Events strictly earlier than the impression: those with a smaller key; the user's own
-        # events start at key (user, t0).
-        end = np.searchsorted(ekey, (iu << 32) | (it - t0), side="left")
-        start = np.maximum(np.searchsorted(ekey, iu << 32, side="left"), end - self.cfg.history_len)
-        lengths = end - start
-        offsets = np.zeros(len(iu) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gather = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - start, lengths)
-        values = ev.take(pa.array(order[gather])).combine_chunks()
+        # The shared point-in-time search: events in (user, time, file order), strictly earlier.
+        order = timeline_order(eu, et)
+        start, end = Timeline(eu[order], et[order]).bounds(iu, it, max_len=self.cfg.history_len)
+        gather_rows, offsets = gather(start, end)
+        values = ev.take(pa.array(order[gather_rows])).combine_chunks()
         rows = imp.column("row").to_numpy()
         blocks = rows // self.block_rows
         bounds = np.flatnonzero(np.diff(blocks)) + 1  # rows are ascending within a shard

@@ -60,9 +60,10 @@ import pyarrow.compute as pc
 from loopfm.data.errors import DataError
 from loopfm.data.source import DayRule, SourceInfo
 from loopfm.data.sources.taobao_raw import (
-    AD_FIELDS, ALL_FEATURES, HISTORY_FEATURES, PROFILE_FIELDS, check_feature_names, iter_text_chunks,
-    parse_float, parse_int, parse_label, parse_str, read_header, require_columns, taobao_features,
+    AD_FIELDS, ALL_FEATURES, HISTORY_FEATURES, PROFILE_FIELDS, check_feature_names, taobao_features,
 )
+from loopfm.data.text import (iter_text_chunks, parse_float, parse_int, parse_label, parse_str, read_header,
+                              require_columns, split_line)
 
 DMR_FIELDS = 267
 DMR_HISTORY = 50
@@ -126,7 +127,7 @@ class TaobaoX1Source:
             first = f.readline()
         if not first.strip():
             raise DataError("the file is empty", file=str(path), row=1)
-        fields = [x.strip() for x in next(csv.reader([first]))]
+        fields = [x.strip() for x in split_line(first.rstrip("\r\n"), ",", '"')]
         if "clk" in fields:
             return "x1"
         if len(fields) == DMR_FIELDS:
