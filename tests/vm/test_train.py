@@ -119,3 +119,23 @@ def test_deepfm_learns_on_movielens(ml_log):
     assert r.steps == sum(-(-log.num_rows([d]) // 256) for d in (5, 6, 7))  # one pass, a batch per step
     assert len(r.preds) == log.num_rows([8])
     assert r.metrics["auc"] > 0.6 and r.metrics["gauc"] > 0.55 and r.metrics["ne"] < 1.0
+
+
+def test_device_setting():
+    from loopfm.vm.train import resolve_device
+
+    with pytest.raises(ValueError, match="vm.train.device"):
+        VMTrainConfig(device="gpu")
+    assert VMTrainConfig().device == "auto"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no GPU"):
+            resolve_device("cuda")
+
+
+def test_batches_on_the_training_device_are_not_rebuilt(synthetic):
+    from loopfm.vm.train import on_device
+
+    _, train, _ = synthetic
+    assert train[0].to("cpu") is train[0]
+    assert all(a is b for a, b in zip(on_device(train[:3], torch.device("cpu")), train[:3]))
