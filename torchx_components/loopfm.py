@@ -43,8 +43,9 @@ from typing import Dict, List, Optional
 import torchx.specs as specs
 from torchx.components import dist
 
-# The image of kubernetes jobs: one with loopfm installed (scripts/install.sh) and its configs in
-# the WORKDIR. local_cwd and slurm ignore it (they run in the current directory and environment).
+# The image of container jobs: the repository's Dockerfile (`docker build -t loopfm:latest .`), with
+# loopfm installed and its configs in the WORKDIR. local_cwd and slurm ignore it (they run in the
+# current directory and environment).
 DEFAULT_IMAGE = "loopfm:latest"
 MODULE = "loopfm.cli"
 # Unbuffered output so `torchx log` shows progress as it happens.
