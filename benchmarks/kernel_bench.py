@@ -138,6 +138,26 @@ def _try(fn: Callable[[], float]) -> Optional[float]:
         return None
 
 
+_COMPILED: dict = {}
+
+
+def compiled_reference() -> Callable:
+    """torch.compile of the reference, made once (a new wrapper per case would recompile)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(reference.attend_padded, dynamic=True)
+    return _COMPILED["fn"]
+
+
+def _try_compiled(fn: Callable[[], float]) -> Optional[float]:
+    """Like `_try`, and a torch.compile failure (e.g. no C compiler for inductor) skips the column."""
+    try:
+        return _try(fn)
+    except Exception as e:  # noqa: BLE001 - any compiler error: report it, keep the other columns
+        print(f"torch.compile of the reference failed, column left empty: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
+        return None
+
+
 def _fwd_bwd(forward: Callable[[Tensor], Tensor], q: Tensor, grad: Tensor) -> Callable[[], object]:
     """One forward and backward through ``forward(queries)`` (d queries only, as a VM encoder)."""
     def step():
@@ -166,9 +186,10 @@ def run_case(mb: float, L: int, args: argparse.Namespace, device: torch.device) 
         row["eager"] = _try(lambda: timer(lambda: ref_out(q)))
         row["eager_bwd"] = _try(lambda: timer(_fwd_bwd(ref_out, q, grad)))
         if cuda:  # on CPU, inductor's C++ compile alone would take most of a minute
-            compiled = torch.compile(ref_out, dynamic=True)
-            row["compiled"] = _try(lambda: timer(lambda: compiled(q)))
-            row["compiled_bwd"] = _try(lambda: timer(_fwd_bwd(compiled, q, grad)))
+            compiled = lambda qq: compiled_reference()(codes, lengths, qq)[0]  # noqa: E731
+            row["compiled"] = _try_compiled(lambda: timer(lambda: compiled(q)))
+            if row["compiled"] is not None:
+                row["compiled_bwd"] = _try_compiled(lambda: timer(_fwd_bwd(compiled, q, grad)))
     if not (cuda or args.interpret_kernels):
         return row
     from kernels import triton_int4_attend as tk
@@ -187,7 +208,7 @@ FWD_GRID = dict(block_l=(16, 32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 2
 BWD_GRID = dict(block_l=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2))
 
 
-def sweep(args: argparse.Namespace, device: torch.device) -> str:
+def sweep(args: argparse.Namespace, device: torch.device, emit: Callable[[str], None] = lambda line: None) -> str:
     """Markdown tables of INT4 kernel times over BLOCK_L x num_warps x num_stages (GPU), forward and
     backward, and the fastest config of each as ``TUNED`` entries for kernels/triton_int4_attend.py."""
     from kernels import triton_int4_attend as tk
@@ -206,11 +227,17 @@ def sweep(args: argparse.Namespace, device: torch.device) -> str:
         "fwd": (FWD_GRID, lambda cfg: tk.int4_attend_fwd(codes, lengths, q, **cfg)),
         "bwd": (BWD_GRID, lambda cfg: tk.int4_attend_bwd(grad, codes, lengths, q, None, None, out, lse, False, **cfg)),
     }
-    lines = [f"INT4 kernel sweep at {codes.numel() / 2**20:.0f} MB, B={B}, L={L}, d={d}, H={H} "
-             f"(defaults: {', '.join(f'{k} {tk.launch_config(k, h_pad, dh_pad)}' for k in passes)})"]
+    lines: list[str] = []
+
+    def add(*new: str) -> None:  # printed as measured, so a time limit still leaves the rows done
+        for line in new:
+            lines.append(line)
+            emit(line)
+    add(f"INT4 kernel sweep at {codes.numel() / 2**20:.0f} MB, B={B}, L={L}, d={d}, H={H} "
+        f"(defaults: {', '.join(f'{k} {tk.launch_config(k, h_pad, dh_pad)}' for k in passes)})")
     best_lines = []
     for kind, (grid, launch) in passes.items():
-        lines += ["", f"| pass | BLOCK_L | num_warps | num_stages | ms | GB/s (codes + io) |", "|---|---|---|---|---|---|"]
+        add("", "| pass | BLOCK_L | num_warps | num_stages | ms | GB/s (codes + io) |", "|---|---|---|---|---|---|")
         timings = []
         for block_l in grid["block_l"]:
             for warps in grid["num_warps"]:
@@ -220,14 +247,15 @@ def sweep(args: argparse.Namespace, device: torch.device) -> str:
                     if ms is None:
                         continue
                     timings.append((ms, block_l, warps, stages))
-                    lines.append(f"| {kind} | {block_l} | {warps} | {stages} | {ms:.3f} | {nbytes / ms / 1e6:.0f} |")
+                    add(f"| {kind} | {block_l} | {warps} | {stages} | {ms:.3f} | {nbytes / ms / 1e6:.0f} |")
         if timings:
             ms, block_l, warps, stages = min(timings)
             default_ms = _median_gpu(lambda: launch({}), True)
             best_lines.append(f"best {kind}: BLOCK_L={block_l} num_warps={warps} num_stages={stages} "
                               f"{ms:.3f} ms ({default_ms / ms:.2f}x the default config's {default_ms:.3f} ms); "
                               f"TUNED[({kind!r}, {h_pad}, {dh_pad})] = ({block_l}, {warps}, {stages})")
-    return "\n".join(lines + [""] + best_lines)
+    add("", *best_lines)
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,11 +301,16 @@ COLUMNS: list[tuple[str, Callable[[dict, Optional[float]], str]]] = [
 ]
 
 
+def table_header() -> str:
+    return "| " + " | ".join(name for name, _ in COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+
+
+def table_row(r: dict, copy_gbs: Optional[float]) -> str:
+    return "| " + " | ".join(cell(r, copy_gbs) for _, cell in COLUMNS) + " |"
+
+
 def table(rows: list[dict], copy_gbs: Optional[float]) -> str:
-    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(cell(r, copy_gbs) for _, cell in COLUMNS) + " |")
-    return "\n".join(lines)
+    return "\n".join([table_header()] + [table_row(r, copy_gbs) for r in rows])
 
 
 def goals(rows: list[dict], copy_gbs: Optional[float]) -> str:
@@ -324,14 +357,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("--interpret-kernels: the kernel columns are Triton-interpreter runs that only check "
                   "this script; they are not performance figures")
     if not args.sweep_only:
-        rows = [run_case(mb, L, args, device) for mb in sizes for L in SEQ_LENS]
         print()
-        print(table(rows, copy_gbs))
+        print(table_header(), flush=True)
+        rows = []
+        for mb in sizes:  # each row printed as measured, so a time limit still leaves the rows done
+            for L in SEQ_LENS:
+                rows.append(run_case(mb, L, args, device))
+                print(table_row(rows[-1], copy_gbs), flush=True)
         print()
         print(goals(rows, copy_gbs))
     if (args.sweep or args.sweep_only) and cuda:
         print()
-        print(sweep(args, device))
+        sweep(args, device, emit=lambda line: print(line, flush=True))
     elif args.sweep or args.sweep_only:
         print("\n--sweep skipped: no GPU found")
     return 0

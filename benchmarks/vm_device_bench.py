@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> str:
              "|---|---|---|---:|---:|---:|"]
     for B in (int(b) for b in args.batch_sizes.split(",")):
         warm = make_batches(1 if args.dry_run else 3, B, args.L, args.d, seed=1, small=args.dry_run)
-        train = make_batches(args.steps, B, args.L, args.d, seed=2, small=args.dry_run)
+        # a few distinct batches, cycled: generating 200 batches of 4096 would take longer than training
+        distinct = make_batches(min(args.steps, 16), B, args.L, args.d, seed=2, small=args.dry_run)
+        train = [distinct[i % len(distinct)] for i in range(args.steps)]
         test = make_batches(2, B, args.L, args.d, seed=3, small=args.dry_run)
         for model_name in args.models.split(","):
             rows, preds = [], {}
