@@ -139,3 +139,20 @@ def test_batches_on_the_training_device_are_not_rebuilt(synthetic):
     _, train, _ = synthetic
     assert train[0].to("cpu") is train[0]
     assert all(a is b for a, b in zip(on_device(train[:3], torch.device("cpu")), train[:3]))
+
+
+def test_batches_for_another_device_are_copied_one_ahead(synthetic):
+    """The non-CPU path of `on_device` (the meta device stands in for a GPU): every batch moved,
+    none lost or reordered by the one-batch lookahead."""
+    from loopfm.vm.train import on_device
+
+    _, train, _ = synthetic
+    sizes = [3, 5, 7]
+    src = [dataclasses.replace(b, labels=b.labels[:n], user_ids=b.user_ids[:n], dense=b.dense[:n],
+                               sparse={k: v[:n] for k, v in b.sparse.items()}, soft_labels=b.soft_labels[:n],
+                               seq_packed=b.seq_packed[:n], seq_lengths=b.seq_lengths[:n],
+                               seq_deltas=b.seq_deltas[:n]) for b, n in zip(train, sizes)]
+    moved = list(on_device(src, torch.device("meta")))
+    assert [len(b) for b in moved] == sizes
+    assert all(b.device.type == "meta" and b.seq_packed.device.type == "meta" for b in moved)
+    assert list(on_device([], torch.device("meta"))) == []
