@@ -204,7 +204,7 @@ def run_case(mb: float, L: int, args: argparse.Namespace, device: torch.device) 
     return row
 
 
-FWD_GRID = dict(block_l=(16, 32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 2, 3))
+FWD_GRID = dict(block_l=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
 BWD_GRID = dict(block_l=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2))
 
 

@@ -55,3 +55,17 @@ def test_bad_usage_is_refused(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--fast"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_kernel_test_summary_of_a_stopped_step(tmp_path):
+    """When the time limit stops pytest before it writes its XML, the verbose output still counts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = ("tests/kernels/a.py::test_x[1] PASSED  [ 10%]\ntests/kernels/a.py::test_x[2] FAILED  [ 20%]\n"
+           "tests/kernels/b.py::test_y SKIPPED (no GPU)  [ 30%]\n")
+    text = gpu_check.kernel_test_summary(tmp_path / "missing.xml", out)
+    assert text.startswith("stopped before the end (no report): 1 passed, 1 failed, 0 errors, 1 skipped")
+    assert "- FAILED `tests/kernels/a.py::test_x[2]`" in text
