@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/quickstart
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: run test bench install install-test clean
+.PHONY: run test bench gpu-check install install-test clean
 
 run: $(VENV)/.installed
 	$(PY) -m loopfm.cli run $(CONFIG) --out $(RUN_DIR)
@@ -16,6 +16,11 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/prepare_bench.py
+
+# On a CUDA machine with only torch and triton: no venv, the machine's own python3 (README "GPU check").
+GPU_CHECK_OUT ?= runs/gpu_check
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

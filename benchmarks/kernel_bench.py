@@ -5,6 +5,9 @@ Variants timed (padded input, every sequence full so every code byte is read):
   compiled ref   torch.compile of that reference (GPU only)
   INT4 kernel    the fused Triton kernel on packed uint8 codes [B, L, d/2]
   fp16 kernel    the same fused kernel on unpacked fp16 values [B, L, d]
+Each is timed forward only and forward + backward (the gradient of the queries, through autograd:
+the reference's own, and the custom op's Triton backward for the kernel); "vs" columns are the
+kernel's speed-up over the eager and compiled reference.
 
 GB/s counts the minimum bytes each variant must move: codes (or fp16 values) + lengths + queries +
 output. It is set against a device-to-device copy measured in the same run (read + write bytes).
@@ -12,10 +15,11 @@ Timings are medians: ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` 
 
     python benchmarks/kernel_bench.py                # GPU: 1 MB .. 1 GB of packed codes
     python benchmarks/kernel_bench.py --max-mb 64 --quick
-    python benchmarks/kernel_bench.py --sweep        # GPU: also BLOCK_L x num_warps for the INT4 kernel
+    python benchmarks/kernel_bench.py --sweep        # GPU: also BLOCK_L x warps x stages, best config
 
 Without a GPU it checks the Triton kernel in the interpreter, times the eager reference on small
-sizes, and says that no kernel timings were taken. It never writes benchmarks/RESULTS.md.
+sizes, and says that no kernel timings were taken. It never writes benchmarks/RESULTS.md
+(benchmarks/gpu_check.sh does, from its output).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 
+Tensor = torch.Tensor
+
 GPU_SIZES_MB = (1, 4, 16, 64, 256, 1024)
 CPU_SIZES_MB = (0.25, 1, 4)
 SEQ_LENS = (50, 200)
@@ -53,8 +59,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ref-max-mb", type=float, default=256.0,
                    help="skip the PyTorch reference above this size (it materialises fp32 values)")
     p.add_argument("--sweep", action="store_true",
-                   help="GPU only: time the INT4 kernel for each BLOCK_L x num_warps at one size "
-                        "(min(64, --max-mb) MB), to tune kernels.triton_int4_attend.default_config")
+                   help="GPU only: time the INT4 kernels (forward, backward) for each BLOCK_L x num_warps x "
+                        "num_stages at one size (min(64, --max-mb) MB) and print the fastest as "
+                        "kernels.triton_int4_attend.TUNED entries")
+    p.add_argument("--sweep-only", action="store_true", help="GPU only: the sweep without the size table")
     p.add_argument("--interpret-kernels", action="store_true",
                    help="CPU only: also run the kernel variants in the Triton interpreter, to check "
                         "this script end to end (those times mean nothing)")
@@ -130,12 +138,41 @@ def _try(fn: Callable[[], float]) -> Optional[float]:
         return None
 
 
+_COMPILED: dict = {}
+
+
+def compiled_reference() -> Callable:
+    """torch.compile of the reference, made once (a new wrapper per case would recompile)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(reference.attend_padded, dynamic=True)
+    return _COMPILED["fn"]
+
+
+def _try_compiled(fn: Callable[[], float]) -> Optional[float]:
+    """Like `_try`, and a torch.compile failure (e.g. no C compiler for inductor) skips the column."""
+    try:
+        return _try(fn)
+    except Exception as e:  # noqa: BLE001 - any compiler error: report it, keep the other columns
+        print(f"torch.compile of the reference failed, column left empty: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
+        return None
+
+
+def _fwd_bwd(forward: Callable[[Tensor], Tensor], q: Tensor, grad: Tensor) -> Callable[[], object]:
+    """One forward and backward through ``forward(queries)`` (d queries only, as a VM encoder)."""
+    def step():
+        qg = q.detach().requires_grad_(True)
+        forward(qg).backward(grad)
+    return step
+
+
 def run_case(mb: float, L: int, args: argparse.Namespace, device: torch.device) -> dict:
     d, H = args.d, args.heads
     B = max(1, round(mb * 2**20 / (L * d // 2)))
     codes = torch.randint(0, 256, (B, L, d // 2), dtype=torch.uint8, device=device)
     lengths = torch.full((B,), L, dtype=torch.int32, device=device)
     q = torch.randn(B, H, d, device=device)
+    grad = torch.randn(B, H, d, device=device)
     io_bytes = lengths.numel() * 4 + 2 * q.numel() * 4  # lengths + queries + output (fp32)
     row = dict(mb=codes.numel() / 2**20, B=B, L=L, int4_bytes=codes.numel() + io_bytes,
                fp16_bytes=2 * B * L * d + io_bytes)
@@ -144,16 +181,22 @@ def run_case(mb: float, L: int, args: argparse.Namespace, device: torch.device) 
         timer = lambda fn: _median_gpu(fn, args.quick)  # noqa: E731
     else:
         timer = lambda fn: _median_cpu(fn, 1 if args.interpret_kernels else 5)  # noqa: E731
+    ref_out = lambda qq: reference.attend_padded(codes, lengths, qq)[0]  # noqa: E731
     if mb <= args.ref_max_mb:
-        row["eager"] = _try(lambda: timer(lambda: reference.attend_padded(codes, lengths, q)))
+        row["eager"] = _try(lambda: timer(lambda: ref_out(q)))
+        row["eager_bwd"] = _try(lambda: timer(_fwd_bwd(ref_out, q, grad)))
         if cuda:  # on CPU, inductor's C++ compile alone would take most of a minute
-            compiled = torch.compile(reference.attend_padded, dynamic=True)
-            row["compiled"] = _try(lambda: timer(lambda: compiled(codes, lengths, q)))
+            compiled = lambda qq: compiled_reference()(codes, lengths, qq)[0]  # noqa: E731
+            row["compiled"] = _try_compiled(lambda: timer(lambda: compiled(q)))
+            if row["compiled"] is not None:
+                row["compiled_bwd"] = _try_compiled(lambda: timer(_fwd_bwd(compiled, q, grad)))
     if not (cuda or args.interpret_kernels):
         return row
     from kernels import triton_int4_attend as tk
 
     row["int4"] = _try(lambda: timer(lambda: tk.int4_attend_fwd(codes, lengths, q)))
+    op_out = lambda qq: kernels.int4_attend(codes, lengths, qq, backend="triton")  # noqa: E731
+    row["int4_bwd"] = _try(lambda: timer(_fwd_bwd(op_out, q, grad)))
     values = _try(lambda: kernels.dequantize_int4(kernels.unpack_int4(codes)).half())
     if values is not None:
         row["fp16"] = _try(lambda: timer(lambda: tk.int4_attend_fwd(values, lengths, q)))
@@ -161,8 +204,13 @@ def run_case(mb: float, L: int, args: argparse.Namespace, device: torch.device) 
     return row
 
 
-def sweep(args: argparse.Namespace, device: torch.device) -> str:
-    """Markdown table of INT4 kernel times over BLOCK_L x num_warps (GPU)."""
+FWD_GRID = dict(block_l=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
+BWD_GRID = dict(block_l=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2))
+
+
+def sweep(args: argparse.Namespace, device: torch.device, emit: Callable[[str], None] = lambda line: None) -> str:
+    """Markdown tables of INT4 kernel times over BLOCK_L x num_warps x num_stages (GPU), forward and
+    backward, and the fastest config of each as ``TUNED`` entries for kernels/triton_int4_attend.py."""
     from kernels import triton_int4_attend as tk
 
     d, H, L = args.d, args.heads, max(SEQ_LENS)
@@ -171,16 +219,42 @@ def sweep(args: argparse.Namespace, device: torch.device) -> str:
     codes = torch.randint(0, 256, (B, L, d // 2), dtype=torch.uint8, device=device)
     lengths = torch.full((B,), L, dtype=torch.int32, device=device)
     q = torch.randn(B, H, d, device=device)
+    grad = torch.randn(B, H, d, device=device)
+    out, lse, _ = tk.int4_attend_fwd(codes, lengths, q)
     nbytes = codes.numel() + lengths.numel() * 4 + 2 * q.numel() * 4
     h_pad, dh_pad = 1 << (H - 1).bit_length(), 1 << (d // 2 - 1).bit_length()
-    default = tk.default_config(h_pad, dh_pad)
-    lines = [f"INT4 kernel sweep at {codes.numel() / 2**20:.0f} MB, L={L} (default BLOCK_L, warps = {default})",
-             "| BLOCK_L | num_warps | fwd ms | fwd GB/s |", "|---|---|---|---|"]
-    for block_l in (8, 16, 32, 64, 128):
-        for warps in (2, 4, 8):
-            ms = _median_gpu(lambda: tk.int4_attend_fwd(codes, lengths, q, block_l=block_l, num_warps=warps),
-                             args.quick)
-            lines.append(f"| {block_l} | {warps} | {ms:.3f} | {nbytes / ms / 1e6:.0f} |")
+    passes = {
+        "fwd": (FWD_GRID, lambda cfg: tk.int4_attend_fwd(codes, lengths, q, **cfg)),
+        "bwd": (BWD_GRID, lambda cfg: tk.int4_attend_bwd(grad, codes, lengths, q, None, None, out, lse, False, **cfg)),
+    }
+    lines: list[str] = []
+
+    def add(*new: str) -> None:  # printed as measured, so a time limit still leaves the rows done
+        for line in new:
+            lines.append(line)
+            emit(line)
+    add(f"INT4 kernel sweep at {codes.numel() / 2**20:.0f} MB, B={B}, L={L}, d={d}, H={H} "
+        f"(defaults: {', '.join(f'{k} {tk.launch_config(k, h_pad, dh_pad)}' for k in passes)})")
+    best_lines = []
+    for kind, (grid, launch) in passes.items():
+        add("", "| pass | BLOCK_L | num_warps | num_stages | ms | GB/s (codes + io) |", "|---|---|---|---|---|---|")
+        timings = []
+        for block_l in grid["block_l"]:
+            for warps in grid["num_warps"]:
+                for stages in grid["num_stages"]:
+                    cfg = dict(block_l=block_l, num_warps=warps, num_stages=stages)
+                    ms = _try(lambda: _median_gpu(lambda: launch(cfg), True))
+                    if ms is None:
+                        continue
+                    timings.append((ms, block_l, warps, stages))
+                    add(f"| {kind} | {block_l} | {warps} | {stages} | {ms:.3f} | {nbytes / ms / 1e6:.0f} |")
+        if timings:
+            ms, block_l, warps, stages = min(timings)
+            default_ms = _median_gpu(lambda: launch({}), True)
+            best_lines.append(f"best {kind}: BLOCK_L={block_l} num_warps={warps} num_stages={stages} "
+                              f"{ms:.3f} ms ({default_ms / ms:.2f}x the default config's {default_ms:.3f} ms); "
+                              f"TUNED[({kind!r}, {h_pad}, {dh_pad})] = ({block_l}, {warps}, {stages})")
+    add("", *best_lines)
     return "\n".join(lines)
 
 
@@ -201,17 +275,60 @@ def _gbs(row: dict, key: str, nbytes_key: str, copy_gbs: Optional[float]) -> str
     return (f"{gbs:.0f}" if gbs >= 10 else f"{gbs:.2g}") + (f" ({100 * gbs / copy_gbs:.0f}%)" if copy_gbs else "")
 
 
+def _ratio(row: dict, slow: str, fast: str) -> str:
+    a, b = row.get(slow), row.get(fast)
+    return "—" if a is None or b is None else f"{a / b:.1f}x"
+
+
+COLUMNS: list[tuple[str, Callable[[dict, Optional[float]], str]]] = [
+    ("packed MB", lambda r, c: f"{r['mb']:.3g}"),
+    ("B", lambda r, c: str(r["B"])),
+    ("L", lambda r, c: str(r["L"])),
+    ("eager ref ms", lambda r, c: _ms(r, "eager")),
+    ("eager GB/s", lambda r, c: _gbs(r, "eager", "int4_bytes", c)),
+    ("compiled ref ms", lambda r, c: _ms(r, "compiled")),
+    ("INT4 kernel ms", lambda r, c: _ms(r, "int4")),
+    ("INT4 GB/s (% copy)", lambda r, c: _gbs(r, "int4", "int4_bytes", c)),
+    ("fp16 kernel ms", lambda r, c: _ms(r, "fp16")),
+    ("fp16 GB/s (% copy)", lambda r, c: _gbs(r, "fp16", "fp16_bytes", c)),
+    ("INT4 vs eager", lambda r, c: _ratio(r, "eager", "int4")),
+    ("INT4 vs compiled", lambda r, c: _ratio(r, "compiled", "int4")),
+    ("fwd+bwd eager ms", lambda r, c: _ms(r, "eager_bwd")),
+    ("fwd+bwd compiled ms", lambda r, c: _ms(r, "compiled_bwd")),
+    ("fwd+bwd INT4 ms", lambda r, c: _ms(r, "int4_bwd")),
+    ("fwd+bwd vs eager", lambda r, c: _ratio(r, "eager_bwd", "int4_bwd")),
+    ("fwd+bwd vs compiled", lambda r, c: _ratio(r, "compiled_bwd", "int4_bwd")),
+]
+
+
+def table_header() -> str:
+    return "| " + " | ".join(name for name, _ in COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+
+
+def table_row(r: dict, copy_gbs: Optional[float]) -> str:
+    return "| " + " | ".join(cell(r, copy_gbs) for _, cell in COLUMNS) + " |"
+
+
 def table(rows: list[dict], copy_gbs: Optional[float]) -> str:
-    head = ("| packed MB | B | L | eager ref ms | eager GB/s | compiled ref ms | INT4 kernel ms | "
-            "INT4 GB/s (% copy) | fp16 kernel ms | fp16 GB/s (% copy) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r['mb']:.3g} | {r['B']} | {r['L']} | {_ms(r, 'eager')} | "
-            f"{_gbs(r, 'eager', 'int4_bytes', copy_gbs)} | {_ms(r, 'compiled')} | {_ms(r, 'int4')} | "
-            f"{_gbs(r, 'int4', 'int4_bytes', copy_gbs)} | {_ms(r, 'fp16')} | "
-            f"{_gbs(r, 'fp16', 'fp16_bytes', copy_gbs)} |"
-        )
+    return "\n".join([table_header()] + [table_row(r, copy_gbs) for r in rows])
+
+
+def goals(rows: list[dict], copy_gbs: Optional[float]) -> str:
+    """The issue's goals at the largest shape timed: INT4 forward >= 70% of the copy bandwidth,
+    >= 3x the eager reference, >= 1.5x torch.compile of it."""
+    timed = [r for r in rows if r.get("int4") is not None]
+    if not timed or not copy_gbs:
+        return "goals: not checked (no GPU timings)"
+    r = max(timed, key=lambda r: (r["mb"], r["L"]))
+    share = r["int4_bytes"] / r["int4"] / 1e6 / copy_gbs
+    checks = [("INT4 forward bandwidth >= 70% of copy", share, 0.70, f"{100 * share:.0f}%")]
+    for key, need, what in (("eager", 3.0, "eager reference"), ("compiled", 1.5, "torch.compile reference")):
+        if r.get(key) is not None:
+            x = r[key] / r["int4"]
+            checks.append((f"INT4 forward >= {need:g}x the {what}", x, need, f"{x:.1f}x"))
+    lines = [f"goals at the largest shape ({r['mb']:.0f} MB packed, B={r['B']}, L={r['L']}):",
+             "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {shown} | {'yes' if v >= need else 'NO'} |" for name, v, need, shown in checks]
     return "\n".join(lines)
 
 
@@ -223,12 +340,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     print(f"# INT4 dequant-and-attend  (d={args.d}, H={args.heads}, fp32 queries, full-length sequences)")
     print(f"device: {torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}")
-    print("correctness:", check_correctness(device))
+    if not args.sweep_only:  # a sweep-only run follows a full one, which checked this
+        print("correctness:", check_correctness(device))
 
     sizes = GPU_SIZES_MB if cuda else CPU_SIZES_MB
     sizes = [s for s in sizes if s <= args.max_mb] or [args.max_mb]
     if args.quick:
-        sizes = sizes[:2] if not cuda else [s for s in sizes if s in (1, 16, 256)] or sizes[:1]
+        sizes = sizes[:2] if not cuda else [s for s in sizes if s in (1, 16, 256, 1024)] or sizes[:1]
     copy_gbs = None
     if cuda:
         copy_gbs = copy_bandwidth_gbs(device, 1 << 30, args.quick)
@@ -238,13 +356,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.interpret_kernels:
             print("--interpret-kernels: the kernel columns are Triton-interpreter runs that only check "
                   "this script; they are not performance figures")
-    rows = [run_case(mb, L, args, device) for mb in sizes for L in SEQ_LENS]
-    print()
-    print(table(rows, copy_gbs))
-    if args.sweep and cuda:
+    if not args.sweep_only:
         print()
-        print(sweep(args, device))
-    elif args.sweep:
+        print(table_header(), flush=True)
+        rows = []
+        for mb in sizes:  # each row printed as measured, so a time limit still leaves the rows done
+            for L in SEQ_LENS:
+                rows.append(run_case(mb, L, args, device))
+                print(table_row(rows[-1], copy_gbs), flush=True)
+        print()
+        print(goals(rows, copy_gbs))
+    if (args.sweep or args.sweep_only) and cuda:
+        print()
+        sweep(args, device, emit=lambda line: print(line, flush=True))
+    elif args.sweep or args.sweep_only:
         print("\n--sweep skipped: no GPU found")
     return 0
 

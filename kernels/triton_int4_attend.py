@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "int4_attend_fwd", "int4_attend_bwd", "default_config"]
+__all__ = ["INTERPRET", "TUNED", "int4_attend_fwd", "int4_attend_bwd", "default_config", "launch_config"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -302,6 +302,21 @@ def default_config(h_pad: int, dh_pad: int) -> tuple[int, int]:
     return block_l, num_warps
 
 
+TUNED: dict[tuple[str, int, int], tuple[int, int, int]] = {}
+"""Measured launch configs: (pass "fwd" | "bwd", H_PAD, DH_PAD) -> (BLOCK_L, num_warps, num_stages).
+
+Empty until a GPU session fills it from ``benchmarks/kernel_bench.py --sweep``, which prints the
+entries to paste here (the fastest config it timed per pass and shape). Shapes not listed use
+`default_config` and Triton's default number of pipeline stages."""
+
+
+def launch_config(kind: str, h_pad: int, dh_pad: int) -> tuple[int, int, Optional[int]]:
+    """(BLOCK_L, num_warps, num_stages or None for Triton's default) of pass ``kind``."""
+    if (kind, h_pad, dh_pad) in TUNED:
+        return TUNED[(kind, h_pad, dh_pad)]
+    return (*default_config(h_pad, dh_pad), None)
+
+
 def _unit_last(x: Tensor) -> Tensor:
     """The kernels index the last dimension with unit stride; other strides are passed through."""
     return x if x.dim() == 0 or x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
@@ -335,8 +350,8 @@ def _check_triton_inputs(codes: Tensor, queries: Tensor) -> None:
 class _Meta:
     """Shapes, flags and scales shared by the forward and backward launches."""
 
-    def __init__(self, codes: Tensor, queries: Tensor, codebook: Optional[Tensor], block_l: Optional[int],
-                 num_warps: Optional[int]):
+    def __init__(self, kind: str, codes: Tensor, queries: Tensor, codebook: Optional[Tensor],
+                 block_l: Optional[int], num_warps: Optional[int], num_stages: Optional[int]):
         self.jagged = codes.dim() == 2
         self.fp_codes = codes.dtype.is_floating_point
         self.B, self.H, self.d = queries.shape
@@ -344,9 +359,12 @@ class _Meta:
         self.L_pad = 0 if self.jagged else codes.shape[1]
         self.h_pad = triton.next_power_of_2(self.H)
         self.dh_pad = triton.next_power_of_2(self.dh)
-        default_block, default_warps = default_config(self.h_pad, self.dh_pad)
+        default_block, default_warps, default_stages = launch_config(kind, self.h_pad, self.dh_pad)
         self.block_l = block_l or default_block
         self.num_warps = num_warps or default_warps
+        stages = num_stages or default_stages
+        # launch options beside num_warps; None keeps Triton's default
+        self.launch = {"num_warps": self.num_warps, **({"num_stages": stages} if stages else {})}
         uniform = not self.fp_codes and codebook is None
         self.z_scale = 0.125 if uniform else 1.0  # uniform values are (u - 8) / 8
         self.qk_scale = self.z_scale * 1.4426950408889634 / math.sqrt(self.d)
@@ -381,6 +399,7 @@ def int4_attend_fwd(
     weights: Optional[Tensor] = None,
     block_l: Optional[int] = None,
     num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward kernel: (out ``[B, H, d]``, lse ``[B, H]`` fp32, weights).
 
@@ -392,7 +411,7 @@ def int4_attend_fwd(
     every segment belong to no program.
     """
     codes, queries, codebook, bias = _prepare(codes, queries, codebook, bias)
-    meta = _Meta(codes, queries, codebook, block_l, num_warps)
+    meta = _Meta("fwd", codes, queries, codebook, block_l, num_warps, num_stages)
     B, H, d = meta.B, meta.H, meta.d
     if out is None:
         out = torch.empty((B, H, d), device=queries.device, dtype=queries.dtype)
@@ -412,7 +431,7 @@ def int4_attend_fwd(
         *meta.code_strides, queries.stride(0), queries.stride(1),
         *_seq_strides(bias, meta.jagged, bias_heads), out.stride(0), out.stride(1), lse.stride(0),
         *(_seq_strides(weights, meta.jagged, True) if return_weights else (0, 0, 0)),
-        RETURN_WEIGHTS=return_weights, num_warps=meta.num_warps, **meta.constexprs(codebook, bias),
+        RETURN_WEIGHTS=return_weights, **meta.launch, **meta.constexprs(codebook, bias),
     )
     return out, lse, weights
 
@@ -448,6 +467,7 @@ def int4_attend_bwd(
     dbias: Optional[Tensor] = None,
     block_l: Optional[int] = None,
     num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the backward kernel: (d queries ``[B, H, d]``, d bias shaped like ``bias`` or empty).
 
@@ -456,7 +476,7 @@ def int4_attend_bwd(
     codes, queries, codebook, bias = _prepare(codes, queries, codebook, bias)
     grad_out, out = _unit_last(grad_out), _unit_last(out)
     lse = lse.to(torch.float32)
-    meta = _Meta(codes, queries, codebook, block_l, num_warps)
+    meta = _Meta("bwd", codes, queries, codebook, block_l, num_warps, num_stages)
     bias_grad = bias_grad and bias is not None
     if dq is None:
         dq = torch.empty_like(queries, memory_format=torch.contiguous_format)
@@ -477,7 +497,7 @@ def int4_attend_bwd(
         *_seq_strides(bias, meta.jagged, bias_heads), out.stride(0), out.stride(1),
         grad_out.stride(0), grad_out.stride(1), lse.stride(0), dq.stride(0), dq.stride(1),
         *(_seq_strides(dbias, meta.jagged, bias_heads) if bias_grad else (0, 0, 0)),
-        BIAS_GRAD=bias_grad, BIAS_SHARED=not bias_heads, num_warps=meta.num_warps,
+        BIAS_GRAD=bias_grad, BIAS_SHARED=not bias_heads, **meta.launch,
         **meta.constexprs(codebook, bias),
     )
     return dq, dbias

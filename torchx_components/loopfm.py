@@ -43,8 +43,9 @@ from typing import Dict, List, Optional
 import torchx.specs as specs
 from torchx.components import dist
 
-# The image of kubernetes jobs: one with loopfm installed (scripts/install.sh) and its configs in
-# the WORKDIR. local_cwd and slurm ignore it (they run in the current directory and environment).
+# The image of container jobs: the repository's Dockerfile (`docker build -t loopfm:latest .`), with
+# loopfm installed and its configs in the WORKDIR. local_cwd and slurm ignore it (they run in the
+# current directory and environment).
 DEFAULT_IMAGE = "loopfm:latest"
 MODULE = "loopfm.cli"
 # Unbuffered output so `torchx log` shows progress as it happens.
@@ -239,14 +240,15 @@ def train_vm(*overrides: str, config: str, out: str, j: str = "1x1", image: str 
              mounts: Optional[List[str]] = None) -> specs.AppDef:
     """Train and test the vertical models (models x variants x seeds) into OUT/vm, under torchrun.
 
-    train-vm is single-process in this version (every process would train the same runs), so keep
-    ``-j 1x1`` until it shards its runs or batches over ``RANK``/``WORLD_SIZE``.
+    The (model, variant, seed) runs are independent: rank r of W trains runs r, r+W, ... and rank 0
+    merges the predictions into OUT/vm (the same output as one process). ``-j 1x2`` on two GPUs
+    gives each process its own device (``LOCAL_RANK``).
 
     Args:
         overrides: dotted config overrides
         config: YAML experiment config (path on the worker)
         out: run folder on shared storage (reads the event log, soft labels and sequences; writes OUT/vm)
-        j: {nnodes}x{nproc_per_node}; 1x1 while train-vm is single-process
+        j: {nnodes}x{nproc_per_node}; the runs are shared out over all processes
         image: container image with loopfm installed (kubernetes; ignored by local_cwd and slurm)
         h: registered named resource; takes precedence over cpu, gpu, memMB
         cpu: CPUs per node

@@ -6,6 +6,8 @@ features only), the extract output (the FM's soft labels, for KD), the sequences
 channel, user-keyed, built from strictly earlier events) and, for ``kd+current`` only, the
 compress output (the FM's code of the example itself, table 2's real-time-FM comparison).
 Batches are built once and shared by every run, so runs differ only in model, variant and seed.
+The runs are independent: under torchrun, rank r of W trains runs r, r+W, ... and rank 0 merges
+the predictions (`run_train_vm`), giving exactly the output of one process.
 
 Output ``RUN/vm/``: ``predictions.parquet`` (example_id, label, user_id, one float column per run
 ``model/variant/seed``), ``runs.json`` (per-run test metrics and training facts), ``models/`` (each
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ from loopfm.artifacts import atomic_output, read_manifest, write_manifest
 from loopfm.vm.checkpoint import save_checkpoints, vm_checkpoint
 from loopfm.vm.kd import TABLE1_VARIANTS, VARIANTS, KDConfig, uses_current_code, variant_flags
 from loopfm.vm.model import VMModelConfig
-from loopfm.vm.train import VMTrainConfig
+from loopfm.vm.train import VMTrainConfig, resolve_device
 
 
 @dataclass(kw_only=True)
@@ -69,13 +73,63 @@ class VMStageConfig:
                              "read and the model's switch to read it)")
 
 
-def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *, config_hash: str,
-                 logger=None, progress: bool = True) -> dict:
-    """Train and test every (model, variant, seed); write ``out_dir`` atomically."""
-    from loopfm.data.eventlog import EventLog
+@dataclass(frozen=True)
+class VMJob:
+    """One independent run of the stage: a model, a variant and a seed."""
+    index: int  # position in the stage's run list (fixes the output column order)
+    model: str
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.variant}/{self.seed}"
+
+
+def vm_jobs(cfg: VMStageConfig) -> list[VMJob]:
+    """Every (model, variant, seed) of the stage, in output order."""
+    combos = [(m, v, s) for m in cfg.models for v in cfg.variants for s in range(cfg.seeds)]
+    return [VMJob(i, m, v, s) for i, (m, v, s) in enumerate(combos)]
+
+
+def train_one(cfg: VMStageConfig, job: VMJob, schema, train: list, test: list, *, logger=None) -> tuple:
+    """Train and test one run: (VMResult, its runs.json record). Depends on nothing but its
+    arguments, so any process can run any job and get the same predictions."""
     from loopfm.vm.train import run_vm
 
-    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    result = run_vm(dataclasses.replace(cfg.model, model=job.model),
+                    dataclasses.replace(cfg.train, seed=cfg.train.seed + job.seed), cfg.kd, schema,
+                    train, test, variant=job.variant, logger=logger, prefix=f"vm/{job.name}/")
+    record = {"model": job.model, "variant": job.variant, "seed": job.seed, "metrics": result.metrics,
+              "steps": result.steps, "train_loss": result.train_loss,
+              "seconds": time.perf_counter() - start}
+    return result, record
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *, config_hash: str,
+                 logger=None, progress: bool = True, rank: int | None = None,
+                 world_size: int | None = None) -> dict:
+    """Train and test every (model, variant, seed); write ``out_dir`` atomically.
+
+    Under torchrun (or with ``rank``/``world_size``) the runs are shared out: rank r of W trains
+    runs r, r+W, ... and writes its predictions to ``OUT.work/rank-r``; after a barrier rank 0
+    merges them, in run order, into ``out_dir``. Every run seeds itself, so W processes give
+    exactly the predictions of one. Returns the manifest (on every rank).
+    """
+    from loopfm.data.eventlog import EventLog
+
+    env_rank, env_world = process_rank()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
     log = EventLog(run_dir / "data")
     for m in cfg.models:  # fail on a typo before any work
         dataclasses.replace(cfg.model, model=m)
@@ -85,39 +139,92 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
     inputs = VMInputs(run_dir, log, cfg, needs_seq, needs_kd, needs_current)
     train = inputs.batches(cfg.train_days)
     test = inputs.batches([cfg.test_day])
-    labels = np.concatenate([b.labels.numpy() for b in test])
-    users = np.concatenate([b.user_ids.numpy() for b in test])
-    example_ids = np.concatenate([b.example_ids.numpy() for b in test])
+    if world_size > 1 and cfg.train.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":  # pinned once, shared by every run: their copies to the GPU are async
+        train, test = [b.pin_memory() for b in train], [b.pin_memory() for b in test]
+    jobs = vm_jobs(cfg)[rank::world_size]
     preds: dict[str, np.ndarray] = {}
     checkpoints: dict[str, dict] = {}
     runs: list[dict] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    jobs = [(m, v, s) for m in cfg.models for v in cfg.variants for s in range(cfg.seeds)]
     try:
-        for model, variant, seed in progress_bar(jobs, desc="train-vm", unit=" run", enabled=progress):
-            start = time.perf_counter()
-            name = f"{model}/{variant}/{seed}"
-            result = run_vm(dataclasses.replace(cfg.model, model=model),
-                            dataclasses.replace(cfg.train, seed=cfg.train.seed + seed), cfg.kd, log.schema,
-                            train, test, variant=variant, logger=logger, prefix=f"vm/{name}/")
-            preds[name] = result.preds.astype(np.float32)
-            checkpoints[name] = vm_checkpoint(result.model)
-            runs.append({"model": model, "variant": variant, "seed": seed, "metrics": result.metrics,
-                         "steps": result.steps, "train_loss": result.train_loss,
-                         "seconds": time.perf_counter() - start})
+        desc = "train-vm" if world_size == 1 else f"train-vm rank {rank}/{world_size}"
+        for job in progress_bar(jobs, desc=desc, unit=" run", enabled=progress):
+            result, record = train_one(cfg, job, log.schema, train, test, logger=logger)
+            preds[job.name] = result.preds.astype(np.float32)
+            checkpoints[job.name] = vm_checkpoint(result.model)
+            runs.append({"index": job.index, **record})
             if progress:
-                write(f"  {name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
+                write(f"  {job.name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
     finally:
         torch.set_num_threads(threads)
+    key = dict(example_id=np.concatenate([b.example_ids.numpy() for b in test]),
+               label=np.concatenate([b.labels.numpy() for b in test]).astype(np.int8),
+               user_id=np.concatenate([b.user_ids.numpy() for b in test]))
+    facts = dict(test_day=cfg.test_day, train_days=cfg.train_days, test_rows=int(len(key["label"])),
+                 quantizer=inputs.quantizer, sequence_key=cfg.sequence_key)
+    if world_size == 1:
+        return _write_vm(out_dir, key, preds, runs, config_hash, facts, checkpoints=checkpoints)
+    return _merge_ranks(out_dir, rank, world_size, key, preds, runs, config_hash, facts, checkpoints)
+
+
+def _write_vm(out_dir: Path, key: dict, preds: dict, runs: list[dict], config_hash: str, facts: dict, *,
+              checkpoints: dict[str, dict] | None = None, model_dirs: list[Path] = ()) -> dict:
+    """``predictions.parquet`` (key columns, then one column per run in run order), runs.json, manifest."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["index"])
+    runs = [{k: v for k, v in runs[i].items() if k != "index"} for i in order]
+    names = [f"{r['model']}/{r['variant']}/{r['seed']}" for r in runs]
     with atomic_output(out_dir) as tmp:
-        table = {"example_id": example_ids, "label": labels.astype(np.int8), "user_id": users, **preds}
-        pq.write_table(pa.table(table), tmp / "predictions.parquet")
+        pq.write_table(pa.table({**key, **{n: preds[n] for n in names}}), tmp / "predictions.parquet")
         (tmp / "runs.json").write_text(json.dumps(runs, indent=2))
-        save_checkpoints(tmp, checkpoints)
-        return write_manifest(tmp, stage="train-vm", config_hash=config_hash, runs=len(runs),
-                              test_day=cfg.test_day, train_days=cfg.train_days, test_rows=int(len(labels)),
-                              quantizer=inputs.quantizer, sequence_key=cfg.sequence_key)
+        for folder in model_dirs:  # the ranks' saved VMs (names are unique across ranks)
+            shutil.copytree(folder, tmp / "models", dirs_exist_ok=True)
+        save_checkpoints(tmp, checkpoints or {})
+        return write_manifest(tmp, stage="train-vm", config_hash=config_hash, runs=len(runs), **facts)
+
+
+def _merge_ranks(out_dir: Path, rank: int, world_size: int, key: dict, preds: dict, runs: list[dict],
+                 config_hash: str, facts: dict, checkpoints: dict[str, dict]) -> dict:
+    """Each rank writes its runs to ``OUT.work/rank-R``; rank 0 merges them into ``out_dir``."""
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:  # a CPU group is enough for two barriers, whatever device trains
+        dist.init_process_group("gloo")
+    try:
+        work = out_dir.parent / f"{out_dir.name}.work"
+        part = work / f"rank-{rank}"
+        with atomic_output(part) as tmp:
+            pq.write_table(pa.table(preds or {"_": np.zeros(0, np.float32)}), tmp / "predictions.parquet")
+            (tmp / "runs.json").write_text(json.dumps(runs))
+            save_checkpoints(tmp, checkpoints)
+            write_manifest(tmp, stage="train-vm-part", config_hash=config_hash, rank=rank, world_size=world_size)
+        dist.barrier()
+        if rank == 0:
+            all_preds: dict[str, np.ndarray] = {}
+            all_runs: list[dict] = []
+            for r in range(world_size):
+                folder = work / f"rank-{r}"
+                if read_manifest(folder).get("config_hash") != config_hash:
+                    raise RuntimeError(f"{folder} was written for another config")
+                part_runs = json.loads((folder / "runs.json").read_text())
+                table = pq.read_table(folder / "predictions.parquet")
+                for record in part_runs:
+                    name = f"{record['model']}/{record['variant']}/{record['seed']}"
+                    all_preds[name] = table.column(name).to_numpy()
+                all_runs.extend(part_runs)
+            model_dirs = [work / f"rank-{r}" / "models" for r in range(world_size)]
+            _write_vm(out_dir, key, all_preds, all_runs, config_hash, facts,
+                      model_dirs=[d for d in model_dirs if d.is_dir()])
+            shutil.rmtree(work, ignore_errors=True)
+        dist.barrier()  # every rank returns once the merged output exists
+        return read_manifest(out_dir)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
 
 
 class VMInputs:

@@ -111,12 +111,33 @@ class VMBatch:
             return self.seq_float.shape[-1]
         return None
 
-    def to(self, device: torch.device | str) -> "VMBatch":
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VMBatch":
+        """This batch on ``device`` (itself when already there: no copy, no rebuild). With
+        ``non_blocking`` a CPU batch is pinned first, so the host-to-GPU copies are asynchronous."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.labels.device == device:
+            return self
+        src = self.pin_memory() if non_blocking and device.type == "cuda" else self
+        return src._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "VMBatch":
+        """A copy in page-locked host memory (host-to-GPU copies can then overlap compute)."""
+        if self.labels.device.type != "cpu" or self.labels.is_pinned():
+            return self
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> "VMBatch":
         def move(v):
             if isinstance(v, Tensor):
-                return v.to(device)
+                return fn(v)
             if isinstance(v, dict):
-                return {k: t.to(device) for k, t in v.items()}
+                return {k: fn(t) for k, t in v.items()}
             return v
         return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 

@@ -99,14 +99,14 @@ def aux_target(soft_labels: Tensor, alpha: float) -> Tensor:
 
 
 def kd_loss(out: dict[str, Tensor], labels: Tensor, soft_labels: Tensor | None,
-            cfg: KDConfig) -> tuple[Tensor, dict[str, float]]:
-    """Total loss of one batch and its parts (floats, for logging).
+            cfg: KDConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss of one batch and its parts (detached 0-d tensors, for logging: reading them is
+    a host sync, so the trainer does it only when it logs).
 
     ``out`` has ``logit`` (serving head) and, for aux_head, ``aux_logit``; both [B]."""
     task = F.binary_cross_entropy_with_logits(out["logit"], labels)
-    parts = {"loss_task": float(task.detach())}
     if cfg.mode == "none":
-        return task, {**parts, "loss": parts["loss_task"]}
+        return task, {"loss_task": task.detach(), "loss": task.detach()}
     if soft_labels is None:
         raise ValueError(f"kd.mode={cfg.mode!r} needs soft labels in every training batch")
     if cfg.mode == "aux_head":
@@ -116,4 +116,4 @@ def kd_loss(out: dict[str, Tensor], labels: Tensor, soft_labels: Tensor | None,
     else:
         kd = cfg.lam * F.binary_cross_entropy_with_logits(out["logit"], soft_labels.clamp(0.0, 1.0))
     total = task + kd
-    return total, {**parts, "loss_kd": float(kd.detach()), "loss": float(total.detach())}
+    return total, {"loss_task": task.detach(), "loss_kd": kd.detach(), "loss": total.detach()}

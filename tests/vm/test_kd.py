@@ -82,7 +82,7 @@ def test_losses():
     loss, parts = kd_loss(out, y, s, KDConfig(mode="aux_head", alpha=5, gamma=10, beta=5))
     aux = F.binary_cross_entropy_with_logits(out["aux_logit"], torch.clamp(5 * s, max=1))
     torch.testing.assert_close(loss, task + 10 * aux)
-    assert parts["loss"] == pytest.approx(float(task + 10 * aux), rel=1e-6)
+    assert float(parts["loss"]) == pytest.approx(float(task + 10 * aux), rel=1e-6)
     loss, _ = kd_loss(out, y, s, KDConfig(mode="soft_label", lam=0.5))
     torch.testing.assert_close(loss, task + 0.5 * F.binary_cross_entropy_with_logits(out["logit"], s))
     with pytest.raises(ValueError, match="soft labels"):

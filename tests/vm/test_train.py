@@ -119,3 +119,40 @@ def test_deepfm_learns_on_movielens(ml_log):
     assert r.steps == sum(-(-log.num_rows([d]) // 256) for d in (5, 6, 7))  # one pass, a batch per step
     assert len(r.preds) == log.num_rows([8])
     assert r.metrics["auc"] > 0.6 and r.metrics["gauc"] > 0.55 and r.metrics["ne"] < 1.0
+
+
+def test_device_setting():
+    from loopfm.vm.train import resolve_device
+
+    with pytest.raises(ValueError, match="vm.train.device"):
+        VMTrainConfig(device="gpu")
+    assert VMTrainConfig().device == "auto"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no GPU"):
+            resolve_device("cuda")
+
+
+def test_batches_on_the_training_device_are_not_rebuilt(synthetic):
+    from loopfm.vm.train import on_device
+
+    _, train, _ = synthetic
+    assert train[0].to("cpu") is train[0]
+    assert all(a is b for a, b in zip(on_device(train[:3], torch.device("cpu")), train[:3]))
+
+
+def test_batches_for_another_device_are_copied_one_ahead(synthetic):
+    """The non-CPU path of `on_device` (the meta device stands in for a GPU): every batch moved,
+    none lost or reordered by the one-batch lookahead."""
+    from loopfm.vm.train import on_device
+
+    _, train, _ = synthetic
+    sizes = [3, 5, 7]
+    src = [dataclasses.replace(b, labels=b.labels[:n], user_ids=b.user_ids[:n], dense=b.dense[:n],
+                               sparse={k: v[:n] for k, v in b.sparse.items()}, soft_labels=b.soft_labels[:n],
+                               seq_packed=b.seq_packed[:n], seq_lengths=b.seq_lengths[:n],
+                               seq_deltas=b.seq_deltas[:n]) for b, n in zip(train, sizes)]
+    moved = list(on_device(src, torch.device("meta")))
+    assert [len(b) for b in moved] == sizes
+    assert all(b.device.type == "meta" and b.seq_packed.device.type == "meta" for b in moved)
+    assert list(on_device([], torch.device("meta"))) == []
