@@ -206,7 +206,8 @@ def _print_eval(metrics: dict | None) -> None:
     if metrics:  # None when stopped early (fm.train.max_steps)
         print("| day | rows | AUC | LogLoss | NE |\n|---:|---:|---:|---:|---:|")
         for day, m in metrics.items():
-            print(f"| {day} | {m['rows']:,} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['ne']:.4f} |")
+            cells = " | ".join("–" if m.get(k) is None else f"{m[k]:.4f}" for k in ("auc", "logloss", "ne"))
+            print(f"| {day} | {m['rows']:,} | {cells} |")
 
 
 def _done(stage: str, ran: bool, start: float) -> None:

@@ -103,7 +103,8 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
                          "steps": result.steps, "train_loss": result.train_loss,
                          "seconds": time.perf_counter() - start})
             if progress:
-                tqdm.write(f"  {name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
+                shown = {k: "n/a" if result.metrics[k] is None else f"{result.metrics[k]:.4f}" for k in ("auc", "ne")}
+                tqdm.write(f"  {name:28s} auc {shown['auc']}  ne {shown['ne']}")
     finally:
         torch.set_num_threads(threads)
     with atomic_output(out_dir) as tmp:
