@@ -154,8 +154,13 @@ def plan_summary(dmp: DistributedModelParallel) -> dict[str, str]:
 
 def plan_to_json(dmp: DistributedModelParallel) -> dict:
     """The sharding plan as plain data (JSON), enough to rebuild it with `plan_from_json`."""
+    return sharding_plan_to_json(dmp.plan)
+
+
+def sharding_plan_to_json(plan: ShardingPlan) -> dict:
+    """`plan_to_json` of a plan not yet applied (e.g. from ``build_planner(...).plan``)."""
     out: dict = {}
-    for path, module_plan in dmp.plan.plan.items():
+    for path, module_plan in plan.plan.items():
         tables = out[path] = {}
         for table, ps in module_plan.items():
             shards = [{"offsets": list(m.shard_offsets), "sizes": list(m.shard_sizes), "rank": m.placement.rank()}
