@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                       out_help="sweep folder: one run folder per value, plus the sweep's report")
     p.add_argument("--param", required=True, metavar="KEY=V1,V2,...",
                    help="the config key and its values, e.g. sequences.max_len=10,25,50,100")
+    p.add_argument("--reference", metavar="V",
+                   help="the value every other point is compared with (ΔAUC, t-test over seeds, user "
+                        "bootstrap); default the first")
     _add_seeds(p)
     p = _stage_parser(sub, "run", "run the whole pipeline on one config",
                       "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
@@ -303,14 +306,17 @@ def cmd_tune_kd(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from loopfm.sweep import parse_param, run_sweep, sweep_table
+    from loopfm.sweep import comparison_table, parse_param, run_sweep, sweep_table
 
     config, overrides = _config_and_overrides(args)
     key, values = parse_param(args.param)
     out = Path(args.out)
-    summary = run_sweep(config, overrides, out, key, values, force=args.force, progress=not args.quiet)
+    summary = run_sweep(config, overrides, out, key, values, force=args.force, progress=not args.quiet,
+                        reference=args.reference)
     print()
     print(sweep_table(summary))
+    print()
+    print(comparison_table(summary))
     print(f"\nsweep: {out / 'sweep.json'}   report: {out / 'report.md'}   "
           f"TensorBoard: tensorboard --logdir {out / 'tb'}")
     return 0
