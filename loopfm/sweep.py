@@ -262,12 +262,15 @@ def comparison_table(summary: dict) -> str:
     """Markdown: each point against the reference, per MODEL/VARIANT: ΔAUC, seeds, both tests."""
     key, ref, comps = summary["param"], summary["reference"], summary.get("comparisons") or {}
     k = len(comps)
+    bonferroni = k > 1  # a point picked as the best of k after seeing the table: p x k
     rows = [f"Each point against {key}={ref} (the same test rows): ΔAUC = mean over seeds of the per-seed "
             "AUC difference; p: paired t-test over seeds (what the seeds change); CI: user bootstrap of the "
-            f"same ΔAUC (what another sample of test users would change); p x {k}: Bonferroni over the {k} "
-            "points compared, for a point picked after seeing the table.", "",
-            f"| {key} | model/variant | ΔAUC vs {ref} | seeds | p (seeds) | p x {k} | 95% CI (users) | note |",
-            "|---:|---|---:|---:|---:|---:|---|---|"]
+            "same ΔAUC (what another sample of test users would change)"
+            + (f"; p x {k}: Bonferroni over the {k} points compared, for a point picked after seeing the "
+               "table." if bonferroni else "."), "",
+            f"| {key} | model/variant | ΔAUC vs {ref} | seeds | p (seeds) |" + (f" p x {k} |" if bonferroni else "")
+            + " 95% CI (users) | note |",
+            "|---:|---|---:|---:|---:|" + ("---:|" if bonferroni else "") + "---|---|"]
     for label, models in comps.items():
         for model, variants in models.items():
             for variant, c in variants.items():
@@ -276,8 +279,9 @@ def comparison_table(summary: dict) -> str:
                 ci = boot.get("ci95") or [None, None]
                 note = "; ".join(sorted({w for w in (c.get("why_null"), t.get("why_null"), boot.get("why_null"))
                                          if w}))
+                corrected = f" {_fmt_p(None if p is None else min(1.0, p * k))} |" if bonferroni else ""
                 rows.append(f"| {label} | {model}/{variant} | {_fmt_signed(c.get('delta_auc'))} | "
-                            f"{t.get('n', '–')} | {_fmt_p(p)} | {_fmt_p(None if p is None else min(1.0, p * k))} | "
+                            f"{t.get('n', '–')} | {_fmt_p(p)} |{corrected} "
                             f"{'–' if None in ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'} | {note} |")
     return "\n".join(rows)
 
