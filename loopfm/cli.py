@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                       out_help="sweep folder: one run folder per value, plus the sweep's report")
     p.add_argument("--param", required=True, metavar="KEY=V1,V2,...",
                    help="the config key and its values, e.g. sequences.max_len=10,25,50,100")
+    p.add_argument("--reference", metavar="V",
+                   help="the value every other point is compared with (ΔAUC, t-test over seeds, user "
+                        "bootstrap); default the first")
     _add_seeds(p)
     p = _stage_parser(sub, "run", "run the whole pipeline on one config",
                       "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
@@ -284,7 +287,8 @@ def _print_eval(metrics: dict | None) -> None:
     if metrics:  # None when stopped early (fm.train.max_steps)
         print("| day | rows | AUC | LogLoss | NE |\n|---:|---:|---:|---:|---:|")
         for day, m in metrics.items():
-            print(f"| {day} | {m['rows']:,} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['ne']:.4f} |")
+            cells = " | ".join("–" if m.get(k) is None else f"{m[k]:.4f}" for k in ("auc", "logloss", "ne"))
+            print(f"| {day} | {m['rows']:,} | {cells} |")
 
 
 def _done(stage: str, ran: bool, start: float) -> None:
@@ -474,14 +478,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from loopfm.sweep import parse_param, run_sweep, sweep_table
+    from loopfm.sweep import comparison_table, parse_param, run_sweep, sweep_table
 
     config, overrides = _config_and_overrides(args)
     key, values = parse_param(args.param)
     out = Path(args.out)
-    summary = run_sweep(config, overrides, out, key, values, force=args.force, progress=not args.quiet)
+    summary = run_sweep(config, overrides, out, key, values, force=args.force, progress=not args.quiet,
+                        reference=args.reference)
     print()
     print(sweep_table(summary))
+    print()
+    print(comparison_table(summary))
     print(f"\nsweep: {out / 'sweep.json'}   report: {out / 'report.md'}   "
           f"TensorBoard: tensorboard --logdir {out / 'tb'}")
     return 0

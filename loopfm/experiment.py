@@ -10,6 +10,7 @@ import dataclasses
 
 from loopfm.data.sources import DataConfig
 from loopfm.fm import FMConfig
+from loopfm.report.results import ReportConfig
 from loopfm.stages.compress import CompressConfig
 from loopfm.stages.extract import ExtractConfig
 from loopfm.stages.sequences import SequencesConfig
@@ -29,3 +30,4 @@ class LoopFMConfig:
     sequences: SequencesConfig = dataclasses.field(default_factory=SequencesConfig)
     vm: VMStageConfig = dataclasses.field(default_factory=VMStageConfig)
     tune_kd: KDSearchConfig = dataclasses.field(default_factory=KDSearchConfig)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)

@@ -12,7 +12,10 @@ Conventions
 * LogLoss clips predictions to ``[eps, 1 - eps]`` with ``eps = 1e-7`` (:data:`LOGLOSS_EPS`).
 * Logarithms are natural logarithms throughout.
 
-Invalid input raises :class:`ValueError` with a message naming what is wrong.
+Invalid input raises :class:`ValueError` with a message naming what is wrong. A metric that is
+undefined on valid input (AUC or NE when every label is one class, gAUC when no user has both
+classes) raises :class:`UndefinedMetric`, a ``ValueError``; :func:`defined_metrics` returns such a
+metric as ``None`` with its reason instead (what every stage reports per day).
 """
 from __future__ import annotations
 
@@ -35,10 +38,16 @@ __all__ = [
     "gauc",
     "transfer_ratio",
     "binary_metrics",
+    "defined_metrics",
+    "UndefinedMetric",
 ]
 
 #: Predictions are clipped to ``[LOGLOSS_EPS, 1 - LOGLOSS_EPS]`` before taking logs.
 LOGLOSS_EPS: float = 1e-7
+
+
+class UndefinedMetric(ValueError):
+    """The metric has no value on this (valid) input, e.g. AUC when every label is 0."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +145,7 @@ def _require_both_classes(y: np.ndarray, metric: str, reason: str = "") -> int:
     n_pos = int(np.count_nonzero(y))
     if n_pos == 0 or n_pos == y.shape[0]:
         cls = 1 if n_pos else 0
-        raise ValueError(
+        raise UndefinedMetric(
             f"{metric} is undefined: all {y.shape[0]} labels are {cls}"
             + (f" ({reason})" if reason else "")
         )
@@ -198,7 +207,7 @@ def _gauc_core(y: np.ndarray, p: np.ndarray, groups: ArrayLike) -> float:
     n_neg = impressions - n_pos
     valid = (n_pos > 0) & (n_neg > 0)
     if not valid.any():
-        raise ValueError(
+        raise UndefinedMetric(
             f"gAUC is undefined: none of the {n_groups} groups has both positive and negative "
             f"labels"
         )
@@ -323,3 +332,38 @@ def binary_metrics(
     if groups is not None:
         out["gauc"] = float(_gauc_core(y, p, groups))
     return out
+
+
+def defined_metrics(
+    labels: ArrayLike, preds: ArrayLike, groups: Optional[ArrayLike] = None
+) -> Dict[str, Any]:
+    """`binary_metrics`, but a metric undefined on these rows is ``None`` and its reason is in
+    ``out["undefined"][name]`` (the key is present only when something is undefined).
+
+    E.g. a day whose labels are all 0: ``{"auc": None, "logloss": 0.01, "ne": None,
+    "undefined": {"auc": "all 62 labels are 0", "ne": "all 62 labels are 0"}}``. Invalid input
+    (NaN predictions, labels other than 0/1, lengths that differ) still raises ``ValueError``.
+    """
+    y, p = _validate(labels, preds, probabilities=True, metric="binary metrics")
+    ll = _logloss_core(y, p, LOGLOSS_EPS)
+    out: Dict[str, Any] = {"auc": None, "logloss": float(ll), "ne": None}
+    undefined: Dict[str, str] = {}
+    computations = {"auc": lambda: _auc_core(y, p) if _require_both_classes(y, "AUC") else None,
+                    "ne": lambda: _ne_core(y, p, LOGLOSS_EPS, ll)}
+    if groups is not None:
+        out["gauc"] = None
+        computations["gauc"] = lambda: _gauc_core(y, p, groups)
+    for name, compute in computations.items():
+        try:
+            out[name] = float(compute())
+        except UndefinedMetric as err:
+            undefined[name] = _reason(err)
+    if undefined:
+        out["undefined"] = undefined
+    return out
+
+
+def _reason(err: UndefinedMetric) -> str:
+    """``"AUC is undefined: all 62 labels are 0"`` -> ``"all 62 labels are 0"``."""
+    text = str(err)
+    return text.split(": ", 1)[1] if " is undefined: " in text else text

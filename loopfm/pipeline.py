@@ -157,18 +157,19 @@ def run_build_sequences(cfg: LoopFMConfig, run_dir: Path, *, rank: int = 0, worl
 
 def run_train_vm(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: bool = True) -> tuple[dict, bool]:
     from loopfm.stages.train_vm import run_train_vm as train_vm
-    from loopfm.tracking import TensorBoardLogger
+    from loopfm.tracking import TensorBoardLogger, replaced_folder
 
     key = stage_hashes(cfg)["train-vm"]
     out = run_dir / "vm"
     if not force and is_complete(out, key):
         return read_manifest(out), False
     check_inputs(run_dir, "train-vm")
-    logger = TensorBoardLogger(run_dir / "tb" / "vm")
-    try:
-        return train_vm(cfg.vm, run_dir, out, config_hash=key, logger=logger, progress=progress), True
-    finally:
-        logger.close()
+    with replaced_folder(run_dir / "tb" / "vm") as tb:  # a rerun replaces the last run's events
+        logger = TensorBoardLogger(tb)
+        try:
+            return train_vm(cfg.vm, run_dir, out, config_hash=key, logger=logger, progress=progress), True
+        finally:
+            logger.close()
 
 
 def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | None = None,
@@ -194,7 +195,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
     fm_eval = fm_manifest["eval_fresh"] if daily else fm_manifest["eval"]
     if test_day not in {str(d) for d in fm_eval}:
         raise ConfigError(f"the FM was not evaluated on the VM test day {test_day}: add it to fm.train.eval_days")
-    fm = {k: fm_eval[test_day][k] for k in ("auc", "logloss", "ne")}
+    fm = {k: fm_eval[test_day].get(k) for k in ("auc", "logloss", "ne", "undefined")}
     preds = pq.read_table(run_dir / "vm" / "predictions.parquet")
     runs = []
     for name in preds.column_names[3:]:
@@ -209,7 +210,8 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
         transfer = {"ne_fm_before": before["fm"]["ne"],
                     "ne_vm_before": {m: {v: x["ne"] for v, x in vs.items()} for m, vs in before["vm"].items()}}
     results = report.build_results(read_manifest(run_dir / "data")["dataset"], fm, runs, labels, users, timings,
-                                   transfer_ratio=transfer)
+                                   transfer_ratio=transfer, n_boot=cfg.report.n_boot,
+                                   boot_seed=cfg.report.boot_seed, min_dne_fm=cfg.report.min_dne_fm)
     results["fm"]["checkpoint"] = "daily" if daily else "fixed"
     report.write_results(run_dir / "results.json", results)
     report.write_report(run_dir, results)

@@ -19,6 +19,13 @@ stages are deleted before it runs.
 DIR also gets ``sweep.json`` (shape in `run_sweep`), ``report.md`` (tables, reused stages, plot),
 ``auc_vs_<param>.png`` (one line per MODEL/VARIANT; ``auc_vs_L.png`` for ``sequences.max_len``)
 and TensorBoard scalars in ``DIR/tb/sweep``.
+
+Statistics: every point is compared with a reference point (``--reference V``, default the first
+value), per model and variant, on the per-seed predictions both points wrote for the same test
+rows: ΔAUC = the mean over seeds of the per-seed AUC(point) - AUC(reference), its paired t-test over
+seeds and the user bootstrap of that same ΔAUC (`loopfm.report.compare`). The p-values are each one
+comparison chosen before looking: a point picked as the best of k after seeing them is not tested by
+its own p (the report also gives p x k, Bonferroni over the k points compared).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from loopfm.config import ConfigError, load_config, to_dict
 from loopfm.experiment import LoopFMConfig
 from loopfm.lock import run_lock
 from loopfm.protocol import check_protocol
+from loopfm.stats import SEEDS_MEASURE, USERS_MEASURE
 
 METRICS = {"auc": "AUC", "ne": "NE", "logloss": "LogLoss"}
 # Short names the plots use for well-known keys (report.plot_sweep labels "L" as the sequence length).
@@ -148,32 +156,45 @@ def _share_stages(run_dir: Path, hashes: dict[str, str], others: list[tuple[str,
 
 def run_sweep(config_path: str | Path | None, overrides: Sequence[str], out: str | Path, param: str,
               values: Sequence[str], force: bool = False, progress: bool = True,
-              echo: Callable[[str], None] = print) -> dict:
+              echo: Callable[[str], None] = print, reference: str | None = None) -> dict:
     """Run every point of the sweep into ``out`` and write the sweep's summary; returns sweep.json's
     content::
 
         {"param": key, "values": [resolved value per point], "runs": {label: folder},
          "auc" | "ne" | "logloss": {MODEL: {VARIANT: {label: float | null}}},
-         "fm": {label: {"auc", "logloss", "ne"}}, "shared": {label: {stage folder: label}}}
+         "fm": {label: {"auc", "logloss", "ne"}}, "shared": {label: {stage folder: label}},
+         "per_seed": {label: {MODEL: {VARIANT: {SEED: {"auc", "logloss", "ne", "gauc"}}}}},
+         "reference": label, "statistics": {what each number of "comparisons" is},
+         "comparisons": {label: {MODEL: {VARIANT: {"delta_auc", "seeds", "t_test",
+                                                   "user_bootstrap"} | {"why_null"}}}}}
 
     ``values`` are the texts after ``=`` (``["10", "25"]``), each parsed as YAML by the config
-    loader; labels (the dict keys) are these texts. Unknown keys, bad values and duplicates raise
-    `ConfigError` before any folder is made.
+    loader; labels (the dict keys) are these texts. ``reference``: the label every other point is
+    compared with (default the first). Unknown keys, bad values, duplicates and an unknown
+    reference raise `ConfigError` before any folder is made.
     """
     from loopfm import report
     from loopfm.pipeline import stage_hashes
 
     key, labels = parse_param(f"{param}={','.join(values)}")
+    reference = labels[0] if reference is None else str(reference)
+    if reference not in labels:
+        raise ConfigError(f"--reference {reference!r} is not one of the values of {key}: {', '.join(labels)}")
     points = _load_points(config_path, overrides, key, labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"param": key, "values": [v for _, v, _ in points], "runs": {},
-                               **{m: {} for m in METRICS}, "fm": {}, "shared": {}}
+                               **{m: {} for m in METRICS}, "fm": {}, "shared": {}, "per_seed": {}}
     folders = [(label, out / point_folder(key, label), stage_hashes(cfg)) for label, _, cfg in points]
     with contextlib.ExitStack() as locks:  # the sweep folder and every point's run folder: one writer
         for folder in [out, *(run_dir for _, run_dir, _ in folders)]:
             locks.enter_context(run_lock(folder))
         _run_points(points, folders, summary, key, force=force, progress=progress, echo=echo)
+        ref_cfg = next(cfg for label, _, cfg in points if label == reference)
+        summary["reference"] = reference
+        summary["statistics"] = sweep_statistics(key, reference)
+        summary["comparisons"] = compare_points([(label, run_dir) for label, run_dir, _ in folders], reference,
+                                                n_boot=ref_cfg.report.n_boot, boot_seed=ref_cfg.report.boot_seed)
         report.write_results(out / "sweep.json", summary)
         write_sweep_report(out, summary)
         log_sweep_tensorboard(out / "tb", summary)
@@ -197,10 +218,105 @@ def _run_points(points: list, folders: list, summary: dict[str, Any], key: str, 
         summary["runs"][label] = name
         summary["shared"][label] = shared
         summary["fm"][label] = results["fm"]
+        summary["per_seed"][label] = results["per_seed"]
         for model, variants in results["vm"].items():
             for variant, entry in variants.items():
                 for metric in METRICS:
                     summary[metric].setdefault(model, {}).setdefault(variant, {})[label] = entry.get(metric)
+
+
+def sweep_statistics(key: str, reference: str) -> dict[str, str]:
+    return {
+        "reference": f"every point is compared with {key}={reference}, per model and variant, on the same "
+                     "test rows",
+        "delta_auc": "mean over the seeds both points have of the per-seed AUC(point) - AUC(reference)",
+        "t_test": f"{SEEDS_MEASURE}, of the per-seed AUC difference; one comparison chosen in advance (a "
+                  "point picked as the best of k after seeing the table needs p x k, Bonferroni)",
+        "user_bootstrap": f"{USERS_MEASURE}, of delta_auc: users drawn with replacement, every seed of both "
+                          "points scored on the same resample",
+    }
+
+
+def _point_predictions(run_dir: Path) -> tuple[Any, Any, Any, dict]:
+    """(example ids, labels, users, {MODEL: {VARIANT: {seed: (preds, auc)}}}) of one point's test day."""
+    import pyarrow.parquet as pq
+
+    from loopfm.metrics import defined_metrics
+
+    table = pq.read_table(run_dir / "vm" / "predictions.parquet")
+    labels, users = table.column("label").to_numpy(), table.column("user_id").to_numpy()
+    runs: dict = {}
+    for name in table.column_names[3:]:
+        model, variant, seed = name.split("/")
+        preds = table.column(name).to_numpy().astype("float64")
+        runs.setdefault(model, {}).setdefault(variant, {})[int(seed)] = (preds, defined_metrics(labels, preds)["auc"])
+    return table.column("example_id").to_numpy(), labels, users, runs
+
+
+def compare_points(points: Sequence[tuple[str, Path]], reference: str, *, n_boot: int,
+                   boot_seed: int) -> dict[str, dict]:
+    """``{label: {MODEL: {VARIANT: comparison}}}`` of every point but the reference against it
+    (`loopfm.report.compare`), for the (model, variant) pairs both points trained."""
+    import numpy as np
+
+    from loopfm.report import compare
+
+    loaded = {label: _point_predictions(run_dir) for label, run_dir in points}
+    ref_ids, labels, users, ref_runs = loaded[reference]
+    out: dict[str, dict] = {}
+    for label, _ in points:
+        if label == reference:
+            continue
+        ids, _, _, runs = loaded[label]
+        same_rows = np.array_equal(ids, ref_ids)
+        out[label] = {}
+        for model, variants in runs.items():
+            for variant, by_seed in variants.items():
+                if variant not in ref_runs.get(model, {}):
+                    continue
+                out[label].setdefault(model, {})[variant] = compare(
+                    labels, users, by_seed, ref_runs[model][variant], n_boot=n_boot, boot_seed=boot_seed
+                ) if same_rows else {"why_null": "the two points were tested on different rows (their test "
+                                                 "days' example ids differ): no paired comparison"}
+    return out
+
+
+def comparison_table(summary: dict) -> str:
+    """Markdown: each point against the reference, per MODEL/VARIANT: ΔAUC, seeds, both tests."""
+    key, ref, comps = summary["param"], summary["reference"], summary.get("comparisons") or {}
+    k = len(comps)
+    bonferroni = k > 1  # a point picked as the best of k after seeing the table: p x k
+    rows = [f"Each point against {key}={ref} (the same test rows): ΔAUC = mean over seeds of the per-seed "
+            "AUC difference; p: paired t-test over seeds (what the seeds change); CI: user bootstrap of the "
+            "same ΔAUC (what another sample of test users would change)"
+            + (f"; p x {k}: Bonferroni over the {k} points compared, for a point picked after seeing the "
+               "table." if bonferroni else "."), "",
+            f"| {key} | model/variant | ΔAUC vs {ref} | seeds | p (seeds) |" + (f" p x {k} |" if bonferroni else "")
+            + " 95% CI (users) | note |",
+            "|---:|---|---:|---:|---:|" + ("---:|" if bonferroni else "") + "---|---|"]
+    for label, models in comps.items():
+        for model, variants in models.items():
+            for variant, c in variants.items():
+                t, boot = c.get("t_test", {}), c.get("user_bootstrap", {})
+                p = t.get("p_value")
+                ci = boot.get("ci95") or [None, None]
+                note = "; ".join(sorted({w for w in (c.get("why_null"), t.get("why_null"), boot.get("why_null"))
+                                         if w}))
+                corrected = f" {_fmt_p(None if p is None else min(1.0, p * k))} |" if bonferroni else ""
+                rows.append(f"| {label} | {model}/{variant} | {_fmt_signed(c.get('delta_auc'))} | "
+                            f"{t.get('n', '–')} | {_fmt_p(p)} |{corrected} "
+                            f"{'–' if None in ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'} | {note} |")
+    return "\n".join(rows)
+
+
+def _fmt_signed(x: Any) -> str:
+    return "–" if x is None else f"{x:+.4f}"
+
+
+def _fmt_p(p: Any) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p:.1e}" if 0 < p < 1e-3 else f"{p:.4f}"
 
 
 def _by_source(shared: dict[str, str]) -> dict[str, list[str]]:
@@ -252,6 +368,7 @@ def sweep_table(summary: dict, metric: str = "auc") -> str:
 def write_sweep_report(out: Path, summary: dict) -> Path:
     """``out/report.md``: AUC / NE / LogLoss per point, which stages each point reused, the plot."""
     from loopfm import report
+    from loopfm.report.results import atomic_write_text
 
     key = summary["param"]
     parts = [f"# LoopFM sweep — {key}", "",
@@ -259,6 +376,8 @@ def write_sweep_report(out: Path, summary: dict) -> Path:
              "config matched an earlier point's was linked to that point's folder, not rerun.", ""]
     for metric, title in METRICS.items():
         parts += [f"## Test {title}", "", sweep_table(summary, metric), ""]
+    if summary.get("comparisons"):
+        parts += [f"## Against {key}={summary['reference']}", "", comparison_table(summary), ""]
     parts += ["## Runs", "", "| value | run folder | stages reused from |", "|---|---|---|"]
     for label, folder in summary["runs"].items():
         reused = "; ".join(f"{', '.join(folders)} ({key}={source})"
@@ -273,7 +392,7 @@ def write_sweep_report(out: Path, summary: dict) -> Path:
     else:
         parts += ["## Plot", "", f"No plot: the values of {key} are not all numbers.", ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 
@@ -283,22 +402,23 @@ def log_sweep_tensorboard(tb_dir: Path, summary: dict) -> Path:
     that one needs a single run's results and logs only the AUC of a sweep."""
     from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
 
+    from loopfm.tracking import replaced_folder
+
     values = summary["values"]
     steps = values if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else range(len(values))
     step_of = dict(zip(summary["runs"], steps))
     name = _plot_name(summary["param"])
     folder = tb_dir / "sweep"
-    for old in folder.glob("events.out.tfevents.*"):  # a rerun replaces the summary, not adds to it
-        old.unlink()
-    writer = SummaryWriter(log_dir=str(folder))
-    try:
-        for metric in METRICS:
-            for model, variants in summary[metric].items():
-                for variant, by_label in variants.items():
-                    for label, x in by_label.items():
-                        if x is not None:
-                            writer.add_scalar(f"sweep/{name}/{model}/{variant}/{metric}", x, step_of[label])
-        writer.flush()
-    finally:
-        writer.close()
+    with replaced_folder(folder) as tmp:  # a rerun replaces the summary, not adds to it
+        writer = SummaryWriter(log_dir=str(tmp))
+        try:
+            for metric in METRICS:
+                for model, variants in summary[metric].items():
+                    for variant, by_label in variants.items():
+                        for label, x in by_label.items():
+                            if x is not None:
+                                writer.add_scalar(f"sweep/{name}/{model}/{variant}/{metric}", x, step_of[label])
+            writer.flush()
+        finally:
+            writer.close()
     return folder

@@ -1,19 +1,34 @@
 """Run tracking: one metrics-logger interface with TensorBoard and JSONL behind it.
 
 ``log(scalars, step)`` and ``close()``; written on rank 0 only (other ranks get a `NullLogger`).
+Values that are not numbers (an undefined metric's None, its reasons) are not logged.
 JSONL lines are ``{"step": N, "name": value, ...}``; TensorBoard gets one scalar per name.
+
+A rerun never stacks values: a stage that writes event files from scratch writes them into
+`replaced_folder`, which replaces the last run's folder when the stage succeeds; a resumed trainer
+truncates its JSONL after the checkpoint's step and has TensorBoard purge the later events.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Iterator, Mapping, Protocol
 
 
 class MetricLogger(Protocol):
     def log(self, scalars: Mapping[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+def numbers(scalars: Mapping[str, object]) -> dict[str, float]:
+    """The entries that are real numbers (tensors included); None and text are left out."""
+    return {k: v for k, v in scalars.items()
+            if v is not None and not isinstance(v, (str, bytes, bool, Mapping, list, tuple))}
 
 
 class NullLogger:
@@ -37,7 +52,7 @@ class JsonlLogger:
         self._f = open(self.path, "a")
 
     def log(self, scalars: Mapping[str, float], step: int) -> None:
-        self._f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._f.write(json.dumps({"step": step, **{k: float(v) for k, v in numbers(scalars).items()}}) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -45,13 +60,15 @@ class JsonlLogger:
 
 
 class TensorBoardLogger:
-    def __init__(self, folder: str | Path) -> None:
+    """``purge_step``: a resumed run's events from this step on replace the killed run's."""
+
+    def __init__(self, folder: str | Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: tensorboard is heavy
 
-        self._writer = SummaryWriter(log_dir=str(folder))
+        self._writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
     def log(self, scalars: Mapping[str, float], step: int) -> None:
-        for name, value in scalars.items():
+        for name, value in numbers(scalars).items():
             self._writer.add_scalar(name, float(value), step)
         self._writer.flush()
 
@@ -81,7 +98,31 @@ def build_logger(folder: str | Path, rank: int, *, resume_step: int | None = Non
     loggers: list[MetricLogger] = [JsonlLogger(folder / "metrics.jsonl", truncate_after=resume_step)]
     if tensorboard:
         try:
-            loggers.append(TensorBoardLogger(folder / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            loggers.append(TensorBoardLogger(folder / "tb", purge_step=purge))
         except ImportError:  # tensorboard not installed: JSONL still records everything
             pass
     return MultiLogger(*loggers)
+
+
+@contextlib.contextmanager
+def replaced_folder(folder: str | Path) -> Iterator[Path]:
+    """A fresh temp sibling of ``folder`` to write into; when the block succeeds it replaces
+    ``folder`` (the old one moved aside first, so there is never a half folder), when it fails it
+    is removed and ``folder`` is left as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if folder.exists():
+            trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            folder.rename(trash)
+            tmp.rename(folder)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

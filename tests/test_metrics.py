@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
+from loopfm import metrics as M
 from loopfm.metrics import (
     LOGLOSS_EPS,
     auc,
@@ -345,3 +346,17 @@ def test_shape_and_dtype_errors():
         auc([0, 1], ["a", "b"])
     with pytest.raises(ValueError, match="must be real-valued"):
         auc([0, 1], np.array([0.1, 0.2], dtype=complex))
+
+
+def test_defined_metrics_null_with_reason_instead_of_raising():
+    y, p = np.zeros(62), np.linspace(0.01, 0.5, 62)
+    out = M.defined_metrics(y, p, groups=np.arange(62) % 5)
+    assert out["auc"] is None and out["ne"] is None and out["gauc"] is None
+    assert out["logloss"] == pytest.approx(M.logloss(y, p))
+    assert out["undefined"]["auc"] == "all 62 labels are 0"
+    assert "none of the 5 groups" in out["undefined"]["gauc"]
+    y2 = np.r_[0, 1, 0, 1.0]
+    full = M.defined_metrics(y2, np.r_[0.1, 0.9, 0.2, 0.8])
+    assert "undefined" not in full and full == M.binary_metrics(y2, np.r_[0.1, 0.9, 0.2, 0.8])
+    with pytest.raises(ValueError, match="NaN"):  # bad input is still an error, not "undefined"
+        M.defined_metrics(y2, np.r_[0.1, np.nan, 0.2, 0.8])

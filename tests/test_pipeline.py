@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +35,33 @@ def _finite(x) -> bool:
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main(["run", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out), "--quiet", *TINY]) == 0
+    # What the first run wrote, before later tests rerun parts of it with other settings.
+    first = out.with_name(out.name + "_first")
+    first.mkdir()
+    for name in ("results.json", "vm/predictions.parquet", "fm/plan.json"):
+        shutil.copy(out / name, first / Path(name).name)
     return out
+
+
+def _without_timings(path: Path) -> dict:
+    results = json.loads(path.read_text())
+    results.pop("timings_s")
+    return results
+
+
+def test_same_config_gives_identical_results_and_predictions(tiny_run, tmp_path):
+    """Determinism: a second run, in another folder and another process with another string-hash
+    order, gives byte-identical predictions and results.json (timings aside)."""
+    env = {**os.environ, "PYTHONHASHSEED": "2", "PYTHONPATH": str(REPO)}
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "loopfm.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
+                           "--out", str(again), "--quiet", *TINY], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = tiny_run.with_name(tiny_run.name + "_first")
+    assert (again / "vm" / "predictions.parquet").read_bytes() == (first / "predictions.parquet").read_bytes()
+    assert (again / "fm" / "plan.json").read_bytes() == (first / "plan.json").read_bytes()
+    assert _without_timings(again / "results.json") == _without_timings(first / "results.json")
 
 
 def test_results_json_shape_and_finite_metrics(tiny_run):
@@ -72,6 +102,21 @@ def test_rerun_skips_finished_stages_and_vm_change_reruns_only_vm(tiny_run, caps
     assert "[build-sequences] up to date" in out and "[train-vm] done" in out
     results = json.loads((tiny_run / "results.json").read_text())
     assert set(results["vm"]["deepfm"]) == {"baseline", "loopfm"}
+    # TensorBoard: the rerun's train-vm and report events replaced the first run's, not stacked on them
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loopfm.report import results_scalars
+
+    for stage in ("vm", "report"):
+        assert len(list((tiny_run / "tb" / stage).glob("events.out.tfevents.*"))) == 1, stage
+    acc = EventAccumulator(str(tiny_run / "tb" / "vm"))
+    acc.Reload()
+    assert not any("/kd/" in tag for tag in acc.Tags()["scalars"])  # the kd runs of the first run are gone
+    acc = EventAccumulator(str(tiny_run / "tb" / "report"))
+    acc.Reload()
+    logged = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert {tag: v[0] for tag, v in logged.items()} == pytest.approx(results_scalars(results), rel=1e-6)
+    assert all(len(v) == 1 for v in logged.values())
 
 
 def test_sequences_show_is_auditable(tiny_run, capsys):
@@ -114,3 +159,23 @@ def test_daily_fm_checkpoint_end_to_end(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["fm"]["checkpoint"] == "daily" and results["fm"]["auc"] == fm["eval_fresh"]["8"]["auc"]
     assert all(_finite(m["auc"]) for m in results["vm"]["deepfm"].values())
+
+
+def test_a_day_with_one_class_gives_null_metrics_with_reasons(shared_data, tmp_path):
+    """The TaobaoAd DMR sample's day 6 has no click (62 rows): the FM's evaluation and the report
+    give AUC / NE / gAUC as null with the reason instead of failing, here with day 6 as the test day."""
+    sample = shared_data / "taobao-samples" / "alimama_dmr_267col_500.txt"
+    if not sample.is_file():
+        pytest.skip(f"{sample} is absent")
+    tiny_fm = [o for o in TINY if o.startswith(("fm.", "compress.", "sequences.", "vm.model."))]
+    assert main(["run", str(REPO / "configs" / "taobao_x1.yaml"), "--out", str(tmp_path), "--quiet", *tiny_fm,
+                 f"data.taobao_x1.path={sample}", "vm.models=[deepfm]", "vm.seeds=2", "vm.train_days=[5]",
+                 "vm.test_day=6", "vm.variants=[baseline,kd]"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["fm"]["auc"] is None and results["fm"]["undefined"]["auc"] == "all 62 labels are 0"
+    for variant, m in results["vm"]["deepfm"].items():
+        assert m["auc"] is None and m["ne"] is None and _finite(m["logloss"]), variant
+        assert set(m["undefined"]) == {"auc", "ne", "gauc"}
+    for comparison in results["comparisons"]["deepfm"].values():
+        assert comparison["t_test"]["p_value"] is None and comparison["t_test"]["why_null"]
+    assert "Undefined on the test day" in (tmp_path / "report.md").read_text()

@@ -236,10 +236,18 @@ def test_results_values(built):
                   key=lambda r: r.seed)
     p = R.paired_t_test(aucs, [M.auc(y, r.preds) for r in base])
     assert res["p_values"]["DeepFM"]["kd+loopfm_vs_baseline"] == pytest.approx(p, rel=1e-12)
-    lo, hi, _ = R.paired_bootstrap_auc(y, np.mean([r.preds for r in sel], axis=0),
-                                       np.mean([r.preds for r in base], axis=0), u, n_boot=200)
+    # the reported ΔAUC is the mean of the per-seed differences; the user bootstrap resamples
+    # that same quantity (every seed of both variants on one resample), not seed-averaged preds
+    delta = np.mean(np.subtract(aucs, [M.auc(y, r.preds) for r in base]))
+    assert res["delta_auc"]["DeepFM"]["kd+loopfm_vs_baseline"] == pytest.approx(delta, abs=1e-12)
+    lo, hi, _ = R.paired_bootstrap_auc(y, np.stack([r.preds for r in sel]), np.stack([r.preds for r in base]),
+                                       u, n_boot=200)
     assert res["bootstrap_ci95"]["DeepFM"]["kd+loopfm_vs_baseline"] == [lo, hi]
-    assert lo > 0  # much stronger signal
+    assert 0 < lo < delta < hi  # much stronger signal
+    comp = res["comparisons"]["DeepFM"]["kd+loopfm_vs_baseline"]
+    assert comp["t_test"]["measures"].startswith("seeds: initialisation on a fixed test set")
+    assert comp["user_bootstrap"]["measures"].startswith("users: resampled test users")
+    assert comp["seeds"] == [0, 1, 2] and comp["t_test"]["n"] == 3
     # default transfer ratio: fraction of the FM's NE gap over the baseline that is captured
     tr = res["transfer_ratio"]["by_model"]["DeepFM"]["kd"]
     ne_b = res["vm"]["DeepFM"]["baseline"]["ne"]
@@ -257,6 +265,13 @@ def test_results_transfer_ratio_forms_and_errors():
     given = R.build_results("d", None, runs, y, u, None, {"M": {"kd": float("nan")}}, n_boot=20)
     assert given["transfer_ratio"]["by_model"] == {"M": {"kd": None}}
     assert R.build_results("d", None, runs, y, u, n_boot=20)["transfer_ratio"] == {}
+    # |dNE_FM| below the floor (default 0.01): null with the reason, not a ratio of noise
+    tiny = {"ne_fm_before": 0.802, "ne_fm_after": 0.8, "ne_vm_before": {"M": {"kd": 1.0}}}
+    tr = R.build_results("d", None, runs, y, u, None, tiny, n_boot=20)["transfer_ratio"]
+    assert tr["by_model"]["M"]["kd"] is None and tr["min_dne_fm"] == 0.01
+    assert "below the floor 0.01" in tr["undefined"]["M"]["kd"]
+    low = R.build_results("d", None, runs, y, u, None, tiny, n_boot=20, min_dne_fm=0.001)["transfer_ratio"]
+    assert low["by_model"]["M"]["kd"] == pytest.approx((1.0 - ne_kd) / 0.002) and "undefined" not in low
     with pytest.raises(ValueError, match="duplicate"):
         R.build_results("d", None, runs + runs[:1], y, u, n_boot=20)
     with pytest.raises(ValueError, match="predictions"):
@@ -271,7 +286,7 @@ def test_write_report_and_plots(built, tmp_path):
     assert path == tmp_path / "report.md"
     text = path.read_text()
     for s in ("w/o distill", "KD", "LoopFM-only", "KD + LoopFM", "DeepFM AUC", "DeepFM LogLoss",
-              "gAUC", "NE", "± ", "p (paired t", "95% CI", "FM (teacher)", "Transfer ratio",
+              "gAUC", "NE", "± ", "p (seeds: paired t", "95% CI (users: bootstrap", "FM (teacher)", "Transfer ratio",
               "Stage timings", "auc_by_variant.png", "auc_vs_L.png", "loopfm[L=10]"):
         assert s in text, s
     assert R.results_table(res) in text
@@ -323,3 +338,25 @@ def test_make_report(tmp_path):
     assert (tmp_path / "out" / "report.md").is_file()
     assert list((tmp_path / "out" / "tb").rglob("events.out.tfevents.*"))
     assert R.read_results(tmp_path / "out" / "results.json") == res
+
+
+def test_tensorboard_rerun_replaces_tags_and_equals_results(built, tmp_path):
+    """A rerun never stacks values; a value that is now null is gone, not left at its old value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    *_, res = built
+    tb = tmp_path / "tb"
+    R.log_tensorboard(tb, res)
+    now = json.loads(json.dumps(res))
+    now["transfer_ratio"]["by_model"]["DeepFM"]["kd"] = None  # e.g. |dNE_FM| fell below the floor
+    now["vm"]["DeepFM"]["kd"]["auc"] += 0.01
+    folder = R.log_tensorboard(tb, now)
+    assert [p.name for p in tb.iterdir()] == ["report"]  # no temp or old folder left
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    logged = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert all(len(values) == 1 for values in logged.values())
+    expected = R.results_scalars(now)
+    assert set(logged) == set(expected) and "transfer_ratio/DeepFM/kd" not in logged
+    for tag, value in expected.items():
+        assert logged[tag][0] == pytest.approx(value, rel=1e-6), tag

@@ -19,7 +19,7 @@ from tests.test_pipeline import TINY
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 # TINY pins sequences.max_len, which the sweep sets; one model, one seed, two variants keep it fast.
 OVERRIDES = [o for o in TINY if not o.startswith("sequences.max_len=")] + [
-    "vm.models=[deepfm]", "vm.seeds=1", "vm.variants=[baseline,loopfm]"]
+    "vm.models=[deepfm]", "vm.seeds=2", "vm.variants=[baseline,loopfm]", "report.n_boot=200"]
 SHARED = ("data", "fm", "extract", "compress")
 OWN = ("sequences", "vm")
 
@@ -44,6 +44,40 @@ def test_sweep_json_has_a_finite_auc_per_value(sweep_dir):
             assert set(by_value) == {"2", "10"}
             assert all(isinstance(x, float) and math.isfinite(x) for x in by_value.values())
     assert summary["shared"] == {"2": {}, "10": {folder: "2" for folder in SHARED}}
+
+
+def test_every_point_is_compared_with_the_reference_on_per_seed_metrics(sweep_dir, capsys):
+    """Statistics anyone can reproduce: per-seed metrics kept; ΔAUC = mean over seeds of the per-seed
+    difference; its seed t-test and its user bootstrap recomputed here from the predictions."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from loopfm.stats import paired_bootstrap_auc, paired_t_test
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert summary["reference"] == "2" and set(summary["comparisons"]) == {"10"}
+    assert summary["statistics"]["t_test"].startswith("seeds: initialisation on a fixed test set")
+    assert summary["statistics"]["user_bootstrap"].startswith("users: resampled test users")
+    tables = {v: pq.read_table(sweep_dir / f"sequences.max_len={v}" / "vm" / "predictions.parquet") for v in ("2", "10")}
+    y, users = tables["2"].column("label").to_numpy(), tables["2"].column("user_id").to_numpy()
+    for variant in ("baseline", "loopfm"):
+        c = summary["comparisons"]["10"]["deepfm"][variant]
+        auc = {v: [summary["per_seed"][v]["deepfm"][variant][str(s)]["auc"] for s in (0, 1)] for v in ("2", "10")}
+        assert c["seeds"] == [0, 1]
+        assert c["delta_auc"] == pytest.approx(np.mean(np.subtract(auc["10"], auc["2"])), abs=1e-12)
+        assert c["t_test"]["p_value"] == pytest.approx(paired_t_test(auc["10"], auc["2"]), rel=1e-9)
+        preds = {v: np.stack([tables[v].column(f"deepfm/{variant}/{s}").to_numpy() for s in (0, 1)]) for v in ("2", "10")}
+        lo, hi, mean = paired_bootstrap_auc(y, preds["10"], preds["2"], users, n_boot=200)
+        assert c["user_bootstrap"]["ci95"] == [lo, hi] and c["user_bootstrap"]["mean"] == mean
+    assert "Against sequences.max_len=2" in (sweep_dir / "report.md").read_text()
+
+
+def test_unknown_reference_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", CONFIG, "--out", str(out), "--param", "sequences.max_len=2,10", "--reference", "5", *OVERRIDES]
+    assert main(argv) == 2
+    assert "--reference '5' is not one of the values" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_later_point_links_upstream_stages_and_rebuilds_sequences(sweep_dir):

@@ -6,7 +6,10 @@ The one place that knows about sharding (the model files know nothing of it):
    FBGEMM's CPU kernels have no Adam);
 2. the TorchRec planner picks table-wise / column-wise sharding per table within the allowed
    types (row-wise pooled tables and data-parallel sequence tables are broken on CPU, so only the
-   configured types are offered);
+   configured types are offered). `build_planner` makes the plan a function of the model, the
+   config and the world size only: fixed memory capacities (never measured), and the sharding
+   types offered in config order (TorchRec intersects them as Python sets, whose order changes
+   with the per-process string hash, so equal-cost types used to win at random);
 3. `DistributedModelParallel` shards the tables and wraps the dense rest in DDP, whose gradient
    all-reduce is switched from mean to *sum*: the loss on each rank is already its share of the
    global-batch mean, which is what TorchRec's embedding all-to-all sums too, so dense and sparse
@@ -21,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.constants import BATCH_SIZE, DDR_CAP, HBM_CAP
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import (EmbeddingModuleShardingPlan, EnumerableShardingSpec, ParameterSharding,
@@ -38,24 +43,21 @@ def parallelize(model: FoundationModel, cfg: ParallelConfig, opt: OptimizerConfi
                 plan: dict | None = None, pg: dist.ProcessGroup | None = None) -> DistributedModelParallel:
     """Shard ``model`` over the default (or given) process group; returns the DMP model.
 
-    ``plan`` (from `plan_to_json`) reuses an earlier plan instead of planning: the planner breaks
-    ties by Python's per-process hash order, so a resumed run must reuse the plan its
-    checkpoint's shards were cut by.
+    ``plan`` (from `plan_to_json`) reuses an earlier plan instead of planning: a resumed run
+    reuses the plan its checkpoint's shards were cut by (``plan.json``), whatever the planner
+    would say now.
     """
     pg = pg or dist.GroupMember.WORLD
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tables = [m for m in (model.ebc, model.ec) if m is not None]
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[opt.sparse], [p for m in tables for p in m.parameters()],
                                 {"lr": opt.sparse_lr})
-    constraints = {t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=True),
-                                                compute_kernels=["fused"]) for t in model.layout.ebc_tables}
-    constraints.update({t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=False),
-                                                     compute_kernels=["fused"]) for t in model.layout.ec_tables})
-    world = dist.get_world_size(pg)
-    topology = Topology(world_size=world, local_world_size=world, compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     sharders = get_default_sharders()
-    sharding_plan = plan_from_json(plan, device) if plan else planner.collective_plan(model, sharders, pg)
+    if plan:
+        sharding_plan = plan_from_json(plan, device)
+    else:
+        planner = build_planner(model, cfg, device, dist.get_world_size(pg))
+        sharding_plan = planner.collective_plan(model, sharders, pg)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device,
                                    plan=sharding_plan, sharders=sharders)
     ddp = dmp._dmp_wrapped_module
@@ -63,6 +65,55 @@ def parallelize(model: FoundationModel, cfg: ParallelConfig, opt: OptimizerConfi
         ddp.register_comm_hook(None, _allreduce_sum)
     copy_full_state(dmp, full)
     return dmp
+
+
+class _OrderedEnumerator(EmbeddingEnumerator):
+    """TorchRec's enumerator, but offering sharding types and kernels in the constraint's order
+    (TorchRec builds them with a set intersection, in string-hash order, which breaks cost ties
+    differently in every process)."""
+
+    def _filter_sharding_types(self, name: str, allowed: list[str], sharder_key: str = "") -> list[str]:
+        return _in_order(super()._filter_sharding_types(name, allowed, sharder_key),
+                         self._constraint_order(name, "sharding_types"))
+
+    def _filter_compute_kernels(self, name: str, allowed: list[str], sharding_type: str) -> list[str]:
+        return _in_order(super()._filter_compute_kernels(name, allowed, sharding_type),
+                         self._constraint_order(name, "compute_kernels"))
+
+    def _constraint_order(self, name: str, field: str) -> list[str]:
+        constraint = (self._constraints or {}).get(name)
+        return list(getattr(constraint, field, None) or [])
+
+
+def _in_order(values: list[str], order: list[str]) -> list[str]:
+    return sorted(values, key=lambda v: (order.index(v) if v in order else len(order), v))
+
+
+def sharding_constraints(model: FoundationModel, cfg: ParallelConfig,
+                         device: torch.device) -> dict[str, ParameterConstraints]:
+    """Per table: the configured sharding types that can run on ``device``, fused kernels only."""
+    constraints = {t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=True),
+                                                compute_kernels=["fused"]) for t in model.layout.ebc_tables}
+    constraints.update({t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=False),
+                                                     compute_kernels=["fused"]) for t in model.layout.ec_tables})
+    return constraints
+
+
+def build_planner(model: FoundationModel, cfg: ParallelConfig, device: torch.device,
+                  world_size: int, local_world_size: int | None = None) -> EmbeddingShardingPlanner:
+    """The TorchRec planner for ``model`` on ``world_size`` ranks of ``device``'s type.
+
+    Its plan depends on the model, ``cfg`` and the world size only: the topology has TorchRec's
+    fixed default capacities (HBM and DDR per rank, not measured on this machine) and the
+    enumerator offers the allowed types in config order. ``parallelize`` plans with it
+    collectively; ``.plan(model, get_default_sharders())`` plans in one process (a dry run).
+    """
+    topology = Topology(world_size=world_size, local_world_size=local_world_size or world_size,
+                        compute_device=device.type, hbm_cap=HBM_CAP, ddr_cap=DDR_CAP)
+    constraints = sharding_constraints(model, cfg, device)
+    enumerator = _OrderedEnumerator(topology=topology, batch_size=BATCH_SIZE, constraints=constraints)
+    return EmbeddingShardingPlanner(topology=topology, batch_size=BATCH_SIZE, enumerator=enumerator,
+                                    constraints=constraints)
 
 
 def _allowed(cfg: ParallelConfig, device: torch.device, pooled: bool) -> list[str]:
@@ -103,8 +154,13 @@ def plan_summary(dmp: DistributedModelParallel) -> dict[str, str]:
 
 def plan_to_json(dmp: DistributedModelParallel) -> dict:
     """The sharding plan as plain data (JSON), enough to rebuild it with `plan_from_json`."""
+    return sharding_plan_to_json(dmp.plan)
+
+
+def sharding_plan_to_json(plan: ShardingPlan) -> dict:
+    """`plan_to_json` of a plan not yet applied (e.g. from ``build_planner(...).plan``)."""
     out: dict = {}
-    for path, module_plan in dmp.plan.plan.items():
+    for path, module_plan in plan.plan.items():
         tables = out[path] = {}
         for table, ps in module_plan.items():
             shards = [{"offsets": list(m.shard_offsets), "sizes": list(m.shard_sizes), "rank": m.placement.rank()}

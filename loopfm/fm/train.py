@@ -42,7 +42,7 @@ from loopfm.fm.config import (AutoencoderConfig, FMConfig, FMConfigError, ModelC
 from loopfm.fm.features import ArchitectureWarning, FeatureLayout, architecture_warnings, select_features
 from loopfm.fm.model import FoundationModel
 from loopfm.fm.parallelize import parallelize, plan_summary, plan_to_json
-from loopfm.metrics import binary_metrics
+from loopfm.metrics import defined_metrics
 from loopfm.tracking import MetricLogger, build_logger
 
 
@@ -274,7 +274,8 @@ def _log_train(logger: MetricLogger, mean: torch.Tensor, step: int, examples_per
 @torch.no_grad()
 def evaluate(dmp, log: EventLog, days: list[int], batch_size: int, builder: BatchBuilder,
              ctx: DistContext) -> dict[str, dict[str, float]]:
-    """AUC, LogLoss, NE and row count per eval day (``{"5": {...}}``), the same on every rank."""
+    """AUC, LogLoss, NE and row count per eval day (``{"5": {...}}``), the same on every rank; an
+    undefined metric is None with its reason under ``"undefined"`` (`loopfm.metrics.defined_metrics`)."""
     dmp.eval()
     out: dict[str, dict[str, float]] = {}
     for day in days:
@@ -287,7 +288,8 @@ def evaluate(dmp, log: EventLog, days: list[int], batch_size: int, builder: Batc
             labels.append(batch.labels[real])
         p, y = _gather(torch.cat(preds)), _gather(torch.cat(labels))
         if ctx.rank == 0:
-            out[str(day)] = {**binary_metrics(y.cpu().numpy(), p.double().cpu().numpy()), "rows": int(y.numel())}
+            # A day with one class has no AUC / NE: null with the reason, not a crash.
+            out[str(day)] = {**defined_metrics(y.cpu().numpy(), p.double().cpu().numpy()), "rows": int(y.numel())}
     dmp.train()
     box = [out]
     if ctx.world_size > 1:  # every rank returns the same metrics

@@ -158,7 +158,8 @@ def run_train_vm(cfg: VMStageConfig, run_dir: str | Path, out_dir: str | Path, *
             checkpoints[job.name] = vm_checkpoint(result.model)
             runs.append({"index": job.index, **record})
             if progress:
-                write(f"  {job.name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
+                shown = {k: "n/a" if result.metrics[k] is None else f"{result.metrics[k]:.4f}" for k in ("auc", "ne")}
+                write(f"  {job.name:28s} auc {shown['auc']}  ne {shown['ne']}")
     finally:
         torch.set_num_threads(threads)
     key = dict(example_id=np.concatenate([b.example_ids.numpy() for b in test]),

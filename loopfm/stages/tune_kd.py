@@ -193,7 +193,7 @@ def _train_grid(cfg: LoopFMConfig, models: list[str], schema, train: list, valid
                             variant=variant)
             runs.append({"point": point, "model": model, "seed": seed, "metrics": result.metrics})
             if progress:
-                write(f"  {name:28s} auc {result.metrics['auc']:.4f}  ne {result.metrics['ne']:.4f}")
+                write(f"  {name:28s} auc {_fmt(result.metrics['auc'])}  ne {_fmt(result.metrics['ne'])}")
     finally:
         torch.set_num_threads(threads)
     return runs

@@ -2,7 +2,7 @@
 
 One pass over the training batches in the order given (time order: days 5–7 streamed, no
 shuffle, no early stopping), then predictions on the evaluation batches (day 8) and AUC, LogLoss,
-NE and gAUC (`loopfm.metrics.binary_metrics`, grouped by user). Deterministic for a seed: the
+NE and gAUC (`loopfm.metrics.defined_metrics`, grouped by user; an undefined one is None). Deterministic for a seed: the
 seed fixes the initialisation, and the data order is the caller's.
 
 Speed (the VMs are small, so the loop around the model matters): Adam runs fused (one kernel over
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from loopfm.data.schema import Schema
-from loopfm.metrics import binary_metrics
+from loopfm.metrics import defined_metrics
 from loopfm.vm.batch import VMBatch
 from loopfm.vm.kd import KDConfig, kd_loss, kd_for_variant, uses_current_code, variant_flags
 from loopfm.vm.model import VerticalModel, VMModelConfig, build_model
@@ -176,7 +176,7 @@ def run_vm(model_cfg: VMModelConfig, train_cfg: VMTrainConfig, kd: KDConfig, sch
                         current_dim=first.current_code.shape[1] if current else None).to(device)
     steps, loss = train_one_pass(model, itertools.chain([first], it), train_cfg, kd, logger, prefix + "train/")
     preds, labels, users = predict(model, eval_batches)
-    metrics = binary_metrics(labels, preds, groups=users)
+    metrics = defined_metrics(labels, preds, groups=users)  # undefined ones None, with the reason
     if logger is not None:
         logger.log({f"{prefix}eval/{k}": v for k, v in metrics.items()}, steps)
     return VMResult(model, preds, labels, users, metrics, steps, loss)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,15 @@ def test_resume_after_a_stop_ends_exactly_like_an_uninterrupted_run(data, tmp_pa
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "fm" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # steps 1..28, then the eval record
     assert not work.exists()
+    # TensorBoard too: the killed run's steps 10, 11 are replaced by the resumed run's, not stacked
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def tb_losses(run: Path) -> list[tuple[int, float]]:
+        acc = EventAccumulator(str(run / "fm" / "tb"))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+    assert tb_losses(tmp_path / "b") == tb_losses(tmp_path / "a")
 
 
 def test_exported_model_reproduces_the_evaluation(data, tmp_path):
