@@ -529,7 +529,7 @@ def _check_config(args: argparse.Namespace) -> None:
     if args.command == "sweep":
         from loopfm.sweep import check_sweep
 
-        check_sweep(*_config_and_overrides(args), args.param)
+        check_sweep(*_config_and_overrides(args), args.param, args.reference)
     elif hasattr(args, "run_folder"):
         extra = _source_overrides(args) if args.command == "prepare" else []
         cfg = _load(args, extra)

@@ -109,10 +109,20 @@ def _load_points(config_path: str | Path | None, overrides: Sequence[str], key: 
     return points
 
 
-def check_sweep(config_path: str | Path | None, overrides: Sequence[str], param: str) -> None:
-    """The --param text and every point's config (day protocol included), before anything is written."""
+def check_sweep(config_path: str | Path | None, overrides: Sequence[str], param: str,
+                reference: str | None = None) -> None:
+    """The --param text, --reference and every point's config (day protocol included), before
+    anything is written."""
     key, labels = parse_param(param)
+    _check_reference(key, labels, reference)
     _load_points(config_path, overrides, key, labels)
+
+
+def _check_reference(key: str, labels: Sequence[str], reference: str | None) -> str:
+    reference = labels[0] if reference is None else str(reference)
+    if reference not in labels:
+        raise ConfigError(f"--reference {reference!r} is not one of the values of {key}: {', '.join(labels)}")
+    return reference
 
 
 def _remove(path: Path) -> None:
@@ -177,9 +187,7 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str], out: str
     from loopfm.pipeline import stage_hashes
 
     key, labels = parse_param(f"{param}={','.join(values)}")
-    reference = labels[0] if reference is None else str(reference)
-    if reference not in labels:
-        raise ConfigError(f"--reference {reference!r} is not one of the values of {key}: {', '.join(labels)}")
+    reference = _check_reference(key, labels, reference)
     points = _load_points(config_path, overrides, key, labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
