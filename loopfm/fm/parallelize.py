@@ -47,13 +47,9 @@ def parallelize(model: FoundationModel, cfg: ParallelConfig, opt: OptimizerConfi
     tables = [m for m in (model.ebc, model.ec) if m is not None]
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[opt.sparse], [p for m in tables for p in m.parameters()],
                                 {"lr": opt.sparse_lr})
-    constraints = {t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=True),
-                                                compute_kernels=["fused"]) for t in model.layout.ebc_tables}
-    constraints.update({t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=False),
-                                                     compute_kernels=["fused"]) for t in model.layout.ec_tables})
     world = dist.get_world_size(pg)
-    topology = Topology(world_size=world, local_world_size=world, compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = make_planner(model, cfg, device, Topology(world_size=world, local_world_size=world,
+                                                        compute_device=device.type))
     sharders = get_default_sharders()
     sharding_plan = plan_from_json(plan, device) if plan else planner.collective_plan(model, sharders, pg)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device,
@@ -63,6 +59,17 @@ def parallelize(model: FoundationModel, cfg: ParallelConfig, opt: OptimizerConfi
         ddp.register_comm_hook(None, _allreduce_sum)
     copy_full_state(dmp, full)
     return dmp
+
+
+def make_planner(model: FoundationModel, cfg: ParallelConfig, device: torch.device, topology: Topology,
+                 batch_size: int | None = None) -> EmbeddingShardingPlanner:
+    """The planner of ``model``'s tables on ``topology``, limited to the configured sharding types
+    and the fused kernels (`loopfm plan` calls it too, without a process group)."""
+    constraints = {t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=True),
+                                                compute_kernels=["fused"]) for t in model.layout.ebc_tables}
+    constraints.update({t.name: ParameterConstraints(sharding_types=_allowed(cfg, device, pooled=False),
+                                                     compute_kernels=["fused"]) for t in model.layout.ec_tables})
+    return EmbeddingShardingPlanner(topology=topology, constraints=constraints, batch_size=batch_size)
 
 
 def _allowed(cfg: ParallelConfig, device: torch.device, pooled: bool) -> list[str]:
@@ -97,8 +104,12 @@ def copy_full_state(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
 
 def plan_summary(dmp: DistributedModelParallel) -> dict[str, str]:
     """``{table: "sharding_type ranks=[...]"}`` for logs and the run record."""
+    return plan_summary_from(dmp.plan)
+
+
+def plan_summary_from(plan: ShardingPlan) -> dict[str, str]:
     return {table: f"{spec.sharding_type} ranks={spec.ranks}"
-            for module_plan in dmp.plan.plan.values() for table, spec in module_plan.items()}
+            for module_plan in plan.plan.values() for table, spec in module_plan.items()}
 
 
 def plan_to_json(dmp: DistributedModelParallel) -> dict:
