@@ -120,9 +120,14 @@ def format_report(report: dict) -> str:
     ranks = report["ranks"]
     hbm = [r["hbm"] / GIB for r in ranks.values()]
     perf = [r["perf_ms"] for r in ranks.values()]
-    lines += ["", "| rank | HBM | DDR | planner perf estimate |", "|---:|---:|---:|---:|"]
+    # ranks with the same (rounded) figures share a row, so 64 ranks stay readable
+    groups: dict[tuple[str, str, str], list[int]] = {}
     for rank, r in ranks.items():
-        lines.append(f"| {rank} | {r['hbm'] / GIB:,.2f} GiB | {r['ddr'] / GIB:,.2f} GiB | {r['perf_ms']:,.3f} ms |")
+        key = (f"{r['hbm'] / GIB:,.2f} GiB", f"{r['ddr'] / GIB:,.2f} GiB", f"{r['perf_ms']:,.3f} ms")
+        groups.setdefault(key, []).append(int(rank))
+    lines += ["", "| ranks | HBM each | DDR each | planner perf estimate each |", "|---|---:|---:|---:|"]
+    for (h, d, perf_ms), members in sorted(groups.items(), key=lambda kv: kv[1][0]):
+        lines.append(f"| {_ranks(members)} | {h} | {d} | {perf_ms} |")
     lines += ["", f"HBM per rank: min {min(hbm):,.2f} / max {max(hbm):,.2f} GiB of {report['hbm_gb']:g}; "
                   f"perf estimate per rank: min {min(perf):,.3f} / max {max(perf):,.3f} ms "
                   "(the slowest rank bounds the step)"]
@@ -130,6 +135,11 @@ def format_report(report: dict) -> str:
 
 
 def _ranks(ranks: list[int]) -> str:
-    if len(ranks) > 4 and ranks == list(range(ranks[0], ranks[-1] + 1)):
-        return f"{ranks[0]}-{ranks[-1]}"
-    return ",".join(map(str, ranks))
+    """Sorted ranks as runs: 0-7,9,12-15."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(f"{a}-{b}" if b > a + 1 else (f"{a},{b}" if b > a else str(a)) for a, b in runs)

@@ -32,7 +32,8 @@ def test_plans_a_billion_row_table_on_a_cuda_topology_without_a_gpu(schema):
     assert sum(per_rank) == sum(t["hbm"] for t in tables.values())
     assert max(per_rank) < 80 * GIB and all(r["perf_ms"] > 0 for r in report["ranks"].values())
     text = format_report(report)
-    assert "| t_iid | 1,000,000,000 | 8 | row_wise |" in text and "| 15 |" in text
+    assert "| t_iid | 1,000,000,000 | 8 | row_wise | fused | 16 | 0-15 |" in text
+    assert text.count(" GiB | ") >= 2  # per-rank rows, ranks with equal figures grouped
 
 
 def test_table_sizes_come_from_overrides_else_schema_else_default(schema):
