@@ -44,3 +44,19 @@ def test_table_sizes_come_from_overrides_else_schema_else_default(schema):
         planning_schema(schema, {"nope": 5}, None)
     sized = planning_schema(unsized, {"uid": 7}, 1000)
     assert sized.vocab_sizes()["uid"] == 7 and sized.vocab_sizes()["iid"] == 1000
+
+
+def test_cli_plan_prints_the_placement_and_rejects_bad_sizes(tmp_path, capsys):
+    from loopfm.cli import main
+
+    log = make_log(tmp_path / "data", n=300, days=4)
+    args = ["plan", "fm.model.embedding_dim=8", "fm.train.batch_size=64", "--world-size", "2",
+            "--device", "cuda", "--data", str(log.root), "--rows", "iid=2e6", "--json", str(tmp_path / "p.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "plan for 2 x cuda" in out and "| t_iid | 2,000,000 | 8 |" in out
+    assert (tmp_path / "p.json").exists()
+    assert main([*args[:-2], "--rows", "iid=lots"]) == 2
+    assert "expected VOCAB=N" in capsys.readouterr().err
+    assert main([*args[:-2], "--rows", "nope=5"]) == 2
+    assert "unknown vocabularies ['nope']" in capsys.readouterr().err
