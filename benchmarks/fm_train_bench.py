@@ -10,6 +10,8 @@ through the real trainer (`loopfm.fm.train.train_fm`, launched with torch's elas
 steps; the first window -- fx tracing, first-touch allocations, lazy imports -- is dropped), and
 the peak resident memory per process (VmHWM). One torch thread per process by default: on a
 2-core machine shared with other work, torch's default pool of 2 threads was up to 6x slower.
+``--clock cpu`` divides by the training process's CPU seconds instead of wall-clock seconds: on a
+machine where other jobs come and go, wall-clock rates of the same code varied 4x within minutes.
 
 ``--baseline-ref REF`` also times the code of git ref REF (checked out into a temporary
 ``git worktree``, removed afterwards): every measurement runs in its own subprocess, interleaved
@@ -38,8 +40,15 @@ CONFIGS = {"quickstart": "configs/quickstart.yaml", "movielens100k": "configs/mo
 WINDOW = 10
 
 
-def _worker(data: str, out: str, fm: dict, seed: int, result: str) -> None:
+def _worker(data: str, out: str, fm: dict, seed: int, result: str, clock: str = "wall") -> None:
+    import time
+    import types
+
+    import loopfm.fm.train as trainer
     from loopfm.fm.train import fm_config_from_dict, train_fm
+
+    if clock == "cpu":  # the trainer's examples/s windows read this process's CPU time instead
+        trainer.time = types.SimpleNamespace(**{**vars(time), "perf_counter": time.process_time})
 
     train_fm(fm_config_from_dict(fm), data, out, seed=seed, config_hash="bench", progress=False)
     rank = int(os.environ.get("RANK", "0"))
@@ -75,7 +84,8 @@ def _load_config(code: Path, name: str):
     return load_config(LoopFMConfig, code / CONFIGS[name])
 
 
-def measure(code: Path, name: str, nproc: int, steps: int, root: Path, threads: int, tag: str) -> dict:
+def measure(code: Path, name: str, nproc: int, steps: int, root: Path, threads: int, tag: str,
+            clock: str = "wall") -> dict:
     """One measurement with the loopfm package of ``code`` (must be first on sys.path)."""
     from loopfm.pipeline import run_prepare
 
@@ -86,7 +96,7 @@ def measure(code: Path, name: str, nproc: int, steps: int, root: Path, threads: 
     parallel = dataclasses.replace(cfg.fm.parallel, cpu_threads=threads)
     fm = dataclasses.replace(cfg.fm, train=train, parallel=parallel)
     run = root / name / f"np{nproc}-{tag}"
-    _launch(nproc, root, str(data), str(run / "fm"), dataclasses.asdict(fm), cfg.seed, str(run / "result"))
+    _launch(nproc, root, str(data), str(run / "fm"), dataclasses.asdict(fm), cfg.seed, str(run / "result"), clock)
     rows = [json.loads(line) for line in (run / "fm.work" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["train/examples_per_s"] for r in rows if "train/examples_per_s" in r][1:]
     peaks = [json.loads(Path(f"{run / 'result'}.rank{r}").read_text())["peak_mb"] for r in range(nproc)]
@@ -99,7 +109,8 @@ def measure(code: Path, name: str, nproc: int, steps: int, root: Path, threads: 
 def _child(args) -> None:
     code = Path(args.code)
     sys.path.insert(0, str(code))
-    result = measure(code, args.child, args.child_nproc, args.steps, Path(args.root), args.cpu_threads, args.tag)
+    result = measure(code, args.child, args.child_nproc, args.steps, Path(args.root), args.cpu_threads, args.tag,
+                     args.clock)
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -107,7 +118,8 @@ def _run_child(code: Path, label: str, name: str, nproc: int, args, rep: int, sc
     result = scratch / f"{label}-{name}-{nproc}-{rep}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-nproc", str(nproc),
            "--code", str(code), "--root", str(Path(args.root) / label), "--steps", str(args.steps),
-           "--cpu-threads", str(args.cpu_threads), "--tag", f"r{rep}", "--result", str(result)]
+           "--cpu-threads", str(args.cpu_threads), "--tag", f"r{rep}", "--result", str(result),
+           "--clock", args.clock]
     env = {**os.environ, "PYTHONPATH": str(code)}
     subprocess.run(cmd, check=True, env=env, cwd=code)
     return json.loads(result.read_text())
@@ -135,6 +147,9 @@ def main() -> None:
     p.add_argument("--baseline-ref", default=None,
                    help="git ref to time against, interleaved in this run (default: none)")
     p.add_argument("--repeats", type=int, default=2, help="with --baseline-ref: measurements per code")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="examples per wall-clock second, or per CPU second of the training process "
+                        "(cpu: insensitive to other jobs on a shared machine; 1 thread per process)")
     # internal: one measurement in a subprocess
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-nproc", type=int, help=argparse.SUPPRESS)
@@ -172,6 +187,7 @@ def main() -> None:
 
 def _print_table(results: dict, codes: dict, args) -> None:
     ref = f" ({args.baseline_ref})" if args.baseline_ref else ""
+    print(f"\nexamples per {'CPU' if args.clock == 'cpu' else 'wall-clock'} second of each training process")
     print("\n| data | FM | processes | global batch | code | examples/s, median window per run | "
           "best window | peak RSS per process | speed-up (median / best) |")
     print("|---|---|---:|---:|---|---|---:|---:|---:|")
