@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from loopfm.fm.config import ModelConfig
@@ -43,9 +44,10 @@ def _grads(module, out, g):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def test_dmin_equals_the_plain_formulation():
+@pytest.mark.parametrize("attention_mlp", [[8, 5], [6], []])
+def test_dmin_equals_the_plain_formulation(attention_mlp):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="dmin", num_heads=3, head_dim=4, attention_mlp=[8, 5], position_dim=3)
+    cfg = ModelConfig(arch="dmin", num_heads=3, head_dim=4, attention_mlp=attention_mlp, position_dim=3)
     m = DMIN(seq_dim=6, seq_len=7, cfg=cfg)
     seq, target = torch.randn(9, 7, 6), torch.randn(9, 6)
     lengths = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 7])

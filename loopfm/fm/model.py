@@ -28,6 +28,7 @@ from loopfm.fm.config import AutoencoderConfig, ModelConfig
 from loopfm.fm.features import FeatureLayout
 from loopfm.layers import MLP, NEG, SelfAttention, additive_key_mask, din_unit_input
 
+
 class Tower(nn.Module):
     """DNN over ``emb``; returns the logit and every hidden layer's output (the deep taps)."""
 
@@ -84,12 +85,13 @@ class DMIN(nn.Module):
         x = din_unit_input(h, q, (w_h + w_diff).unsqueeze(1), (w_q - w_diff).unsqueeze(1),
                            w_prod.unsqueeze(1), bias.unsqueeze(1))  # [H, B, L, hidden]
         x = x + torch.matmul(self.position.weight, w_pos.transpose(1, 2))[:, recency]
-        x = torch.relu(x).reshape(H, B * self.L, -1)
-        for j in range(2, len(self.units[0]), 2):  # the units' remaining (Linear, ReLU) pairs
+        depth = len(self.units[0])  # Linear, ReLU, Linear, ReLU, ..., Linear
+        x = (torch.relu(x) if depth > 1 else x).reshape(H, B * self.L, -1)
+        for j in range(2, depth, 2):  # the units' remaining layers
             lin = [unit[j] for unit in self.units]
             x = torch.baddbmm(torch.stack([f.bias for f in lin]).unsqueeze(1), x,
                               torch.stack([f.weight for f in lin]).transpose(1, 2))
-            if j + 1 < len(self.units[0]):
+            if j + 1 < depth:
                 x = torch.relu(x)
         score = x.view(H, B, self.L)
         weights = torch.softmax(score.masked_fill(~mask, NEG), dim=-1) * mask  # [H, B, L]
