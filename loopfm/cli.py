@@ -153,6 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the value every other point is compared with (ΔAUC, t-test over seeds, user "
                         "bootstrap); default the first")
     _add_seeds(p)
+    p = sub.add_parser("plan", help="TorchRec's sharding plan for the FM on N devices (no training, no GPU)",
+                       description="Run TorchRec's planner for the FM of CONFIG on --world-size devices "
+                                   "of --device type (tables on the meta device: nothing is allocated) "
+                                   "and print the table placement per rank, per-rank HBM / DDR and the "
+                                   "planner's perf estimates. Table sizes: --data's schema, --rows, "
+                                   "--default-rows.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML experiment config (e.g. configs/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. fm.model.embedding_dim=64")
+    p.add_argument("--world-size", type=int, required=True, help="number of devices")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device type planned for")
+    p.add_argument("--local-world-size", type=int, default=8, help="devices per host (default 8)")
+    p.add_argument("--hbm-gb", type=float, default=80.0, help="memory per device in GB (default 80)")
+    p.add_argument("--ddr-gb", type=float, default=512.0, help="host memory per host in GB (default 512)")
+    p.add_argument("--batch-per-rank", type=int, help="examples per rank per step for the cost model "
+                   "(default fm.train.batch_size / world size)")
+    p.add_argument("--data", help="prepared event log (RUN/data) whose vocabulary sizes size the tables")
+    p.add_argument("--rows", action="append", default=[], metavar="VOCAB=N",
+                   help="rows of one vocabulary's table, e.g. item_id=1e9 (repeatable; wins over --data)")
+    p.add_argument("--default-rows", type=float, help="rows of every table not sized otherwise")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(func=cmd_plan)
+
     p = _stage_parser(sub, "run", "run the whole pipeline on one config",
                       "Run every stage in order into RUN/<stage>, skipping stages whose output is complete "
                       "for the same config; a killed run picks up where it stopped.", cmd_run)
@@ -491,6 +514,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(comparison_table(summary))
     print(f"\nsweep: {out / 'sweep.json'}   report: {out / 'report.md'}   "
           f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from loopfm.data.schema import Schema
+    from loopfm.fm.plan import PlanRequest, format_report, plan_fm, planning_schema, source_schema
+
+    cfg = _load(args)
+    rows = {}
+    for item in args.rows:
+        vocab, _, n = item.partition("=")
+        try:
+            rows[vocab] = int(float(n))
+        except ValueError:
+            raise ConfigError(f"--rows {item!r}: expected VOCAB=N (N a number of rows, e.g. 1e9)") from None
+    try:
+        req = PlanRequest(world_size=args.world_size, device=args.device, local_world_size=args.local_world_size,
+                          hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb, batch_size=args.batch_per_rank)
+        schema = Schema.load(Path(args.data) / "schema.json") if args.data else source_schema(cfg.data, cfg.seed)
+        default = int(args.default_rows) if args.default_rows else None
+        report = plan_fm(cfg.fm, planning_schema(schema, rows, default), req)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -17,8 +17,6 @@ Layers (the paper's ablation points are the *taps*):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,20 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from loopfm.fm.autoencoder import MatryoshkaAutoencoder
 from loopfm.fm.config import AutoencoderConfig, ModelConfig
 from loopfm.fm.features import FeatureLayout
-
-NEG = -1e9  # finite mask sentinel: a fully masked row softmaxes to finite values, never NaN
-
-
-class MLP(nn.Sequential):
-    def __init__(self, dims: list[int], dropout: float = 0.0, last_activation: bool = True) -> None:
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2 or last_activation:
-                layers.append(nn.ReLU())
-                if dropout:
-                    layers.append(nn.Dropout(dropout))
-        super().__init__(*layers)
+from loopfm.layers import MLP, NEG, SelfAttention, additive_key_mask, din_unit_input
 
 
 class Tower(nn.Module):
@@ -50,7 +35,7 @@ class Tower(nn.Module):
     def __init__(self, in_dim: int, hidden: list[int], dropout: float) -> None:
         super().__init__()
         dims = [in_dim, *hidden]
-        self.layers = nn.ModuleList(MLP([a, b], dropout) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(MLP(a, [b], dropout) for a, b in zip(dims[:-1], dims[1:]))
         self.out = nn.Linear(dims[-1], 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -59,28 +44,6 @@ class Tower(nn.Module):
             x = layer(x)
             hidden.append(x)
         return self.out(x).squeeze(-1), hidden
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention + residual + LayerNorm; padded keys are masked out."""
-
-    def __init__(self, d_model: int, num_heads: int, seq_len: int) -> None:
-        super().__init__()
-        self.h, self.hd, self.L = num_heads, d_model // num_heads, seq_len
-        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
-        self.out = nn.Linear(d_model, d_model)
-        self.norm = nn.LayerNorm(d_model)
-
-    def heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, H, L, hd]
-        return x.reshape(-1, self.L, self.h, self.hd).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hd)
-        scores = scores.masked_fill(~mask[:, None, None, :], NEG)
-        a = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, H, L, hd]
-        a = a.transpose(1, 2).reshape(-1, self.L, self.h * self.hd)
-        return self.norm(x + self.out(a))
 
 
 class DMIN(nn.Module):
@@ -97,30 +60,43 @@ class DMIN(nn.Module):
         self.h, self.hd, self.L = cfg.num_heads, cfg.head_dim, seq_len
         self.inp = nn.Linear(seq_dim, d_model)
         self.target = nn.Linear(seq_dim, d_model)
-        self.refiner = SelfAttention(d_model, cfg.num_heads, seq_len)
-        self.extractor = SelfAttention(d_model, cfg.num_heads, seq_len)
+        self.refiner = SelfAttention(d_model, cfg.num_heads)
+        self.extractor = SelfAttention(d_model, cfg.num_heads)
         self.position = nn.Embedding(seq_len, cfg.position_dim)
-        self.units = nn.ModuleList(
-            MLP([4 * cfg.head_dim + cfg.position_dim, *cfg.attention_mlp, 1], last_activation=False)
-            for _ in range(cfg.num_heads))
+        self.units = nn.ModuleList(MLP(4 * cfg.head_dim + cfg.position_dim, cfg.attention_mlp, out=1)
+                                   for _ in range(cfg.num_heads))
         self.out_dim = d_model
 
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        B, H, hd = seq.shape[0], self.h, self.hd
         steps = torch.arange(self.L, device=lengths.device)
         mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]; sequences are left-aligned
         recency = (lengths.unsqueeze(1) - 1 - steps.unsqueeze(0)).clamp(min=0)  # 0 = newest
-        pos = self.position(recency)  # [B, L, P]
-        h = self.extractor(self.refiner(self.inp(seq), mask), mask)
-        h = h.reshape(-1, self.L, self.h, self.hd)
-        q = self.target(target).reshape(-1, self.h, self.hd)
-        interests = []
-        for i, unit in enumerate(self.units):
-            hi = h[:, :, i, :]
-            qi = q[:, i, :].unsqueeze(1).expand_as(hi)
-            score = unit(torch.cat([hi, qi, hi * qi, hi - qi, pos], dim=-1)).squeeze(-1)
-            w = torch.softmax(score.masked_fill(~mask, NEG), dim=1) * mask
-            interests.append((w.unsqueeze(-1) * hi).sum(dim=1))
-        return torch.cat(interests, dim=1)
+        key_mask = additive_key_mask(mask, seq.dtype)
+        h = self.extractor(self.refiner(self.inp(seq), key_mask), key_mask)
+        h = h.view(B, self.L, H, hd).permute(2, 0, 1, 3).contiguous()  # [H, B, L, hd]
+        q = self.target(target).view(B, H, hd).transpose(0, 1)  # [H, B, hd]
+        # All heads' units at once, each on its own weights: the unit input [h, q, h*q, h-q, pos]
+        # is never built (see `din_unit_input`); the position part is a projected table lookup.
+        first = [unit[0] for unit in self.units]
+        w = torch.stack([f.weight for f in first])  # [H, hidden, 4 hd + P]
+        w_h, w_q, w_prod, w_diff, w_pos = w.split([hd, hd, hd, hd, w.shape[-1] - 4 * hd], dim=-1)
+        bias = torch.stack([f.bias for f in first])  # [H, hidden]
+        x = din_unit_input(h, q, (w_h + w_diff).unsqueeze(1), (w_q - w_diff).unsqueeze(1),
+                           w_prod.unsqueeze(1), bias.unsqueeze(1))  # [H, B, L, hidden]
+        x = x + torch.matmul(self.position.weight, w_pos.transpose(1, 2))[:, recency]
+        depth = len(self.units[0])  # Linear, ReLU, Linear, ReLU, ..., Linear
+        x = (torch.relu(x) if depth > 1 else x).reshape(H, B * self.L, -1)
+        for j in range(2, depth, 2):  # the units' remaining layers
+            lin = [unit[j] for unit in self.units]
+            x = torch.baddbmm(torch.stack([f.bias for f in lin]).unsqueeze(1), x,
+                              torch.stack([f.weight for f in lin]).transpose(1, 2))
+            if j + 1 < depth:
+                x = torch.relu(x)
+        score = x.view(H, B, self.L)
+        weights = torch.softmax(score.masked_fill(~mask, NEG), dim=-1) * mask  # [H, B, L]
+        interests = (weights.unsqueeze(-1) * h).sum(dim=2)  # [H, B, hd]
+        return interests.transpose(0, 1).reshape(B, H * hd)
 
 
 class FoundationModel(nn.Module):

@@ -99,6 +99,18 @@ def sharding_constraints(model: FoundationModel, cfg: ParallelConfig,
     return constraints
 
 
+def make_planner(model: FoundationModel, cfg: ParallelConfig, device: torch.device, topology: Topology,
+                 batch_size: int | None = None) -> EmbeddingShardingPlanner:
+    """The planner of ``model``'s tables on ``topology``, limited to the configured sharding types
+    and the fused kernels, offering them in config order (`loopfm plan` calls it too, without a
+    process group)."""
+    batch_size = batch_size or BATCH_SIZE
+    constraints = sharding_constraints(model, cfg, device)
+    enumerator = _OrderedEnumerator(topology=topology, batch_size=batch_size, constraints=constraints)
+    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, enumerator=enumerator,
+                                    constraints=constraints)
+
+
 def build_planner(model: FoundationModel, cfg: ParallelConfig, device: torch.device,
                   world_size: int, local_world_size: int | None = None) -> EmbeddingShardingPlanner:
     """The TorchRec planner for ``model`` on ``world_size`` ranks of ``device``'s type.
@@ -110,10 +122,7 @@ def build_planner(model: FoundationModel, cfg: ParallelConfig, device: torch.dev
     """
     topology = Topology(world_size=world_size, local_world_size=local_world_size or world_size,
                         compute_device=device.type, hbm_cap=HBM_CAP, ddr_cap=DDR_CAP)
-    constraints = sharding_constraints(model, cfg, device)
-    enumerator = _OrderedEnumerator(topology=topology, batch_size=BATCH_SIZE, constraints=constraints)
-    return EmbeddingShardingPlanner(topology=topology, batch_size=BATCH_SIZE, enumerator=enumerator,
-                                    constraints=constraints)
+    return make_planner(model, cfg, device, topology)
 
 
 def _allowed(cfg: ParallelConfig, device: torch.device, pooled: bool) -> list[str]:
@@ -148,8 +157,12 @@ def copy_full_state(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
 
 def plan_summary(dmp: DistributedModelParallel) -> dict[str, str]:
     """``{table: "sharding_type ranks=[...]"}`` for logs and the run record."""
+    return plan_summary_from(dmp.plan)
+
+
+def plan_summary_from(plan: ShardingPlan) -> dict[str, str]:
     return {table: f"{spec.sharding_type} ranks={spec.ranks}"
-            for module_plan in dmp.plan.plan.values() for table, spec in module_plan.items()}
+            for module_plan in plan.plan.values() for table, spec in module_plan.items()}
 
 
 def plan_to_json(dmp: DistributedModelParallel) -> dict:

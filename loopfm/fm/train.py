@@ -32,16 +32,15 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from loopfm.progress import progress_bar
 
-from loopfm.artifacts import atomic_output, read_json, read_manifest, write_json_atomic, write_manifest
+from loopfm.artifacts import atomic_output, read_json, write_json_atomic, write_manifest
 from loopfm.data.eventlog import EventLog
-from loopfm.data.schema import Schema
 from loopfm.fm.batch import BatchBuilder, iter_batches, num_global_batches
 from loopfm.fm.checkpoint import Checkpointer
-from loopfm.fm.config import (AutoencoderConfig, FMConfig, FMConfigError, ModelConfig, OptimizerConfig,
-                              ParallelConfig, TrainConfig)
+from loopfm.fm.config import FMConfig, FMConfigError, TrainConfig
 from loopfm.fm.features import ArchitectureWarning, FeatureLayout, architecture_warnings, select_features
 from loopfm.fm.model import FoundationModel
 from loopfm.fm.parallelize import parallelize, plan_summary, plan_to_json
+from loopfm.fm.weights import fm_config_from_dict, load_trained_fm  # noqa: F401  (re-exported)
 from loopfm.metrics import defined_metrics
 from loopfm.tracking import MetricLogger, build_logger
 
@@ -77,7 +76,8 @@ def train_fm(cfg: FMConfig, data_dir: str | Path, out_dir: str | Path, *, seed: 
         if ctx.rank == 0 and plan is None:
             write_json_atomic(work / "plan.json", plan_to_json(dmp), indent=1)
         dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
-        dense_opt = torch.optim.Adam(dense_params, lr=cfg.optimizer.dense_lr)  # 4. optimizers
+        # 4. optimizers; fused Adam: one kernel over all dense parameters instead of a per-tensor loop
+        dense_opt = torch.optim.Adam(dense_params, lr=cfg.optimizer.dense_lr, fused=True)
         torch.manual_seed(seed + 1 + ctx.rank)  # per-rank stream (dropout); checkpointed
         builder = BatchBuilder(layout, ctx.rank, ctx.world_size)  # 5. data
         ckpt = Checkpointer(work / "checkpoints", ctx.rank, ctx.world_size, cfg.train.keep_checkpoints)  # 6.
@@ -377,35 +377,3 @@ def fm_hash_payload(cfg: FMConfig) -> dict:
     data = asdict(cfg)
     data["train"].pop("max_steps")
     return data
-
-
-# -- inference API for later stages -------------------------------------------------------------
-def fm_config_from_dict(data: dict) -> FMConfig:
-    """Rebuild an `FMConfig` from ``fm_config.json`` (plain dataclass fields, no config loader)."""
-    return FMConfig(model=ModelConfig(**data["model"]), autoencoder=AutoencoderConfig(**data["autoencoder"]),
-                    optimizer=OptimizerConfig(**data["optimizer"]), parallel=ParallelConfig(**data["parallel"]),
-                    train=TrainConfig(**data["train"]))
-
-
-def load_trained_fm(run_dir: str | Path, as_of_day: int | None = None) -> tuple[FoundationModel, Schema]:
-    """The FM of ``RUN_DIR/fm`` on one process (unsharded, CPU, eval mode) and its schema.
-
-    ``as_of_day=None``: the fixed FM (end of the training days). ``as_of_day=K``: the FM
-    refreshed through day K (``fm.train.refresh_days``, saved under ``fm/daily/day=K``).
-    Batches for it: ``BatchBuilder(model.layout)`` over `loopfm.fm.batch.global_batches`;
-    ``model.forward_with_taps(batch)`` gives logits, probs, every tap and the AE codes ``z``.
-    """
-    fm = Path(run_dir) / "fm"
-    manifest = read_manifest(fm)  # raises if the stage did not finish
-    weights = fm / "model.pt"
-    if as_of_day is not None:
-        if as_of_day not in manifest.get("refresh_days", []):
-            raise ValueError(f"{fm} has no FM refreshed through day {as_of_day} (its fm.train.refresh_days: "
-                             f"{manifest.get('refresh_days', [])})")
-        weights = fm / "daily" / f"day={as_of_day}" / "model.pt"
-    schema = Schema.load(fm / "schema.json")
-    cfg = fm_config_from_dict(json.loads((fm / "fm_config.json").read_text()))
-    layout = FeatureLayout.build(select_features(schema, cfg.model), cfg.model.sequence_group)
-    model = FoundationModel(layout, cfg.model, cfg.autoencoder)
-    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-    return model.eval(), schema

@@ -66,7 +66,7 @@ def run_extract(cfg: ExtractConfig, run_dir: str | Path, out_dir: str | Path, *,
     """Score ``cfg.days`` of ``RUN/data`` with the FM(s) of ``RUN/fm`` into ``out_dir``."""
     from loopfm.data.eventlog import EventLog
     from loopfm.fm.batch import BatchBuilder, global_batches
-    from loopfm.fm.train import load_trained_fm
+    from loopfm.fm.weights import load_trained_fm
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cf.check_rank(rank, world_size)

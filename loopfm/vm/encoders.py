@@ -15,8 +15,8 @@ Encoders (table 3 of the paper):
   of the target [B, H, d], bias = a learned per-head scalar × log1p(Δt / 1 h) (recency), output
   [B, H, d] flattened → [B, H·d]. On INT4-packed codes this calls the fused dequant-and-attend op
   `kernels.int4_attend` (PyTorch reference on CPU, Triton on CUDA; codes are never dequantized in
-  memory); on float codes it runs the same formula in PyTorch (`layers.dot_attention`). INT4 mean
-  / sum pooling also go through the op (zero queries → uniform weights = the mean).
+  memory); float codes go through the same op (it reads float values as they are). Mean / sum
+  pooling also go through the op (zero queries → uniform weights = the mean).
 
 Masks come from lengths only: positions ``>= length`` never change an output; empty sequences
 pool to zeros.
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
-from loopfm.vm.layers import DINAttention, dot_attention, length_mask
+from loopfm.layers import DINAttention, length_mask
 
 EncoderKind = Literal["mean", "sum", "din", "dmin"]
 ENCODERS = ("mean", "sum", "din", "dmin")
@@ -68,11 +68,7 @@ class SequenceEncoder(nn.Module):
         lengths = batch.seq_lengths.to(torch.int32).clamp(0, codes.shape[1])  # as the kernel does
         B = lengths.shape[0]
         if self.kind in ("mean", "sum"):
-            if batch.seq_packed is not None:
-                zero_q = query.new_zeros(B, 1, self.code_dim)
-                pooled = self._attend(batch, lengths, zero_q, None)[:, 0]
-            else:
-                pooled = dot_attention(query.new_zeros(B, 1, self.code_dim), batch.seq_float.float(), lengths)[:, 0]
+            pooled = self._attend(batch, lengths, query.new_zeros(B, 1, self.code_dim), None)[:, 0]
             if self.kind == "sum":
                 pooled = pooled * lengths.to(pooled.dtype)[:, None]
             return pooled
@@ -84,13 +80,15 @@ class SequenceEncoder(nn.Module):
             age = torch.log1p(batch.seq_deltas.float().clamp(min=0) / 3600.0)
             age = torch.where(length_mask(lengths, age.shape[1]), age, torch.zeros_like(age))
             bias = self.recency[None, :, None] * age[:, None, :]  # [B, H, L]
-        if batch.seq_packed is not None:
-            out = self._attend(batch, lengths, q, bias)
-        else:
-            out = dot_attention(q, batch.seq_float.float(), lengths, bias)
-        return out.reshape(B, -1)
+        return self._attend(batch, lengths, q, bias).reshape(B, -1)
 
     def _attend(self, batch, lengths: Tensor, q: Tensor, bias: Tensor | None) -> Tensor:
-        codebook = batch.seq_codebook.float() if batch.seq_codebook is not None else None
-        return kernels.int4_attend(batch.seq_packed, lengths, q.float(), codebook=codebook,
+        """`kernels.int4_attend` on the batch's packed codes, or on its float codes as values."""
+        codebook = None
+        if batch.seq_packed is not None:
+            codes = batch.seq_packed
+            codebook = batch.seq_codebook.float() if batch.seq_codebook is not None else None
+        else:
+            codes = batch.seq_float.float()
+        return kernels.int4_attend(codes, lengths, q.float(), codebook=codebook,
                                    bias=None if bias is None else bias.float(), backend=self.backend)

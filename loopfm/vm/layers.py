@@ -1,4 +1,5 @@
-"""Shared layers of the vertical-model zoo (FuxiCTR's ``layers`` in spirit).
+"""Layers of the vertical-model zoo (FuxiCTR's ``layers`` in spirit); those the FM uses too (MLP,
+DIN attention, masks, dot-product attention) live in `loopfm.layers` and are re-exported here.
 
 Every sequence input follows one convention: left-aligned [B, L, ...] with lengths [B]; positions
 ``>= length`` are padding, masked out (by `length_mask`) and never able to change an output;
@@ -6,33 +7,17 @@ an empty sequence pools to zeros.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from loopfm.data.schema import FeatureSpec
+from loopfm.layers import MLP, DINAttention, dot_attention, length_mask, masked_mean, masked_softmax
 
-
-def length_mask(lengths: Tensor, L: int) -> Tensor:
-    """Bool [B, L]: True at real positions (``position < length``)."""
-    return torch.arange(L, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
-
-
-def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
-    """Mean over the real positions of x [B, L, D]; zeros for empty sequences."""
-    m = length_mask(lengths, x.shape[1]).unsqueeze(-1)
-    s = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
-    return s / lengths.clamp(min=1).to(x.dtype)[:, None]
-
-
-def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
-    """Softmax over the last dim restricted to ``mask``; all-masked rows give zeros (not NaN)."""
-    logits = logits.masked_fill(~mask, float("-inf"))
-    any_valid = mask.any(-1, keepdim=True)
-    w = torch.softmax(torch.where(any_valid, logits, torch.zeros_like(logits)), dim=-1)
-    return torch.where(mask, w, torch.zeros_like(w))
+__all__ = ["MLP", "DINAttention", "dot_attention", "length_mask", "masked_mean", "masked_softmax",
+           "FeatureEmbedding", "fm_interaction", "FmFMInteraction", "AUGRUCell", "InterestEvolution",
+           "MultiHeadTargetAttention", "DMRRelevance"]
 
 
 class FeatureEmbedding(nn.Module):
@@ -92,29 +77,6 @@ class FeatureEmbedding(nn.Module):
         return torch.stack(fields, 1)
 
 
-class MLP(nn.Module):
-    """Linear → activation (→ dropout) blocks; ``out_dim`` = last hidden size (input if none)."""
-
-    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0,
-                 activation: type[nn.Module] = nn.ReLU, out: int | None = None) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        d = in_dim
-        for h in hidden:
-            layers += [nn.Linear(d, h), activation()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            d = h
-        if out is not None:
-            layers.append(nn.Linear(d, out))
-            d = out
-        self.net = nn.Sequential(*layers)
-        self.out_dim = d
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 def fm_interaction(x: Tensor) -> Tensor:
     """Bi-interaction vector of fields x [B, F, D]: ``0.5((Σv)² − Σv²)`` [B, D]; its sum over D is
     the FM second-order term Σ_{i<j} <v_i, v_j>."""
@@ -137,32 +99,6 @@ class FmFMInteraction(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         vi = torch.einsum("bpd,pde->bpe", x[:, self.left], self.matrices)
         return (vi * x[:, self.right]).sum(1)
-
-
-class DINAttention(nn.Module):
-    """DIN's target attention (Zhou et al. 2018): an MLP scores [q, k, q−k, q⊙k] per position;
-    weights are the raw scores (no softmax, as DIN and FuxiCTR's default), zero past the length;
-    returns Σ_l w_l v_l [B, D_v]. Keys may differ from values in width via ``key_dim``."""
-
-    def __init__(self, query_dim: int, key_dim: int, hidden: Sequence[int] = (64, 32),
-                 softmax: bool = False) -> None:
-        super().__init__()
-        self.project = nn.Linear(query_dim, key_dim) if query_dim != key_dim else nn.Identity()
-        self.scorer = MLP(4 * key_dim, hidden, activation=nn.Sigmoid, out=1)
-        self.softmax = softmax
-
-    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
-        q = self.project(query).unsqueeze(1).expand_as(keys)
-        return self.scorer(torch.cat([q, keys, q - keys, q * keys], -1)).squeeze(-1)
-
-    def forward(self, query: Tensor, keys: Tensor, lengths: Tensor, values: Tensor | None = None) -> Tensor:
-        values = keys if values is None else values
-        mask = length_mask(lengths, keys.shape[1])
-        keys = torch.where(mask[..., None], keys, torch.zeros((), dtype=keys.dtype))
-        values = torch.where(mask[..., None], values, torch.zeros((), dtype=values.dtype))
-        s = self.scores(query, keys)
-        w = masked_softmax(s, mask) if self.softmax else torch.where(mask, s, torch.zeros_like(s))
-        return torch.einsum("bl,bld->bd", w, values)
 
 
 class AUGRUCell(nn.Module):
@@ -203,19 +139,6 @@ class InterestEvolution(nn.Module):
         for t in range(seq.shape[1]):
             h = torch.where(mask[:, t, None], self.augru(states[:, t], h, att[:, t]), h)
         return h
-
-
-def dot_attention(queries: Tensor, values: Tensor, lengths: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Dense-float twin of `kernels.int4_attend`: out[b,h] = Σ_l softmax_l(q_h·z_l/√d + bias) z_l.
-
-    queries [B, H, d], values [B, L, d], bias [B, L] or [B, H, L]; zeros for empty sequences."""
-    mask = length_mask(lengths, values.shape[1])
-    values = torch.where(mask[..., None], values, torch.zeros((), dtype=values.dtype))
-    logits = torch.einsum("bhd,bld->bhl", queries, values.to(queries.dtype)) / math.sqrt(values.shape[-1])
-    if bias is not None:
-        logits = logits + (bias[:, None] if bias.dim() == 2 else bias)
-    w = masked_softmax(logits, mask[:, None, :])
-    return torch.einsum("bhl,bld->bhd", w, values.to(queries.dtype))
 
 
 class MultiHeadTargetAttention(nn.Module):

@@ -458,8 +458,9 @@ class _World:
         self.ev_start_u = np.concatenate([[0], np.cumsum(n_u)])
         self.ts_by_user = ts  # grouped by user (user-major), for behaviour times
         order = np.argsort(ts, kind="stable")
-        self.ev_user = ev_user[order]
+        self.ev_user = ev_user[order].astype(np.int32)  # int32: 4 bytes a row less (U < 2^31)
         self.ev_ts = ts[order]
+        del order, ev_user, ev_sess, gaps, cs, before
         days = np.unique((self.ev_ts - cfg.start_ts) // 86_400)
         if len(days) != cfg.days:  # cannot happen with rows >= 1000; guard the promise anyway
             raise RuntimeError(f"synthetic: generated {len(days)} days instead of {cfg.days}; "
@@ -482,6 +483,8 @@ class _World:
         t_in = self.ts_by_user[ev_pick] - rng.integers(1, BEHAVIOUR_LEAD_S + 1, n_b)
         t_pre = cfg.start_ts - rng.integers(1, PRE_PERIOD_S + 1, n_b)
         b_ts = np.where(is_pre, t_pre, t_in)
+        del is_pre, ev_pick, t_in, t_pre
+        self.ts_by_user = None  # only the behaviour times needed it
 
         # categories ~ p_hist(c|u), sampled per block of users (U x C CDFs).
         sh = math.hypot(cfg.interest_profile_std, cfg.interest_history_std) or 1.0
@@ -508,16 +511,20 @@ class _World:
         on_fav = rng.random(n_b) < FAVOURITE_SHARE
         fav_brand = fav[b_user, rng.integers(0, FAVOURITES, n_b)]
         b_brand = np.where(on_fav, fav_brand, b_brand)
+        del fav_brand
         b_cat = np.where(on_fav, self.brand_cat[b_brand], b_cat)
         fav_aff = np.einsum("nk,nk->n", self.hist_interest[b_user[on_fav]] / sh, self.phi[b_cat[on_fav]])
         b_aff[on_fav] = fav_aff
         non_pv = rng.random(n_b) < _sigmoid(-2.5 + 0.8 * b_aff + 1.0 * on_fav)
+        del b_aff, on_fav
         kind = 2 + _draw(_cdf(np.array(NON_PV_SPLIT)), rng, n_b)
-        b_btag = np.where(non_pv, kind, 1)
+        b_btag = np.where(non_pv, kind, 1).astype(np.int8)
+        del non_pv, kind
 
         order = timeline_order(b_user, b_ts)
         self.b_timeline = Timeline(b_user[order], b_ts[order])
         self.b_cat = (b_cat[order] + 1).astype(np.int32)
+        del b_cat
         self.b_brand = (b_brand[order] + 1).astype(np.int32)
         self.b_btag = b_btag[order].astype(np.int32)
 
@@ -552,7 +559,7 @@ class _World:
         rng = np.random.default_rng(np.random.SeedSequence(self.root + [4, b]))
         s, e = b * BLOCK_ROWS, min(cfg.rows, (b + 1) * BLOCK_ROWS)
         n = e - s
-        users, ts = self.ev_user[s:e], self.ev_ts[s:e]
+        users, ts = self.ev_user[s:e].astype(np.int64), self.ev_ts[s:e]
         ads = _draw(self.ad_cdf, rng, n)
         pid = (rng.random(n) >= PID_PROBS[0]).astype(np.int64)
         p = _sigmoid(self.bias + self.logit_without_bias(users, ads, pid))
@@ -591,7 +598,7 @@ class _World:
             "pid": pid_arr,
             "hist_cate_id": seq(self.b_cat[idx]),
             "hist_brand": seq(self.b_brand[idx]),
-            "hist_btag": seq(self.b_btag[idx]),
+            "hist_btag": seq(self.b_btag[idx].astype(np.int32)),
             "xd_content_cate": pa.ListArray.from_arrays(pa.array(xd_off), pa.array(xd_values)),
             "xd_views_7d": pa.array(self.views[users]),
             "xd_likes_7d": pa.array(self.likes[users]),

@@ -1,0 +1,155 @@
+"""Layers shared by the foundation model (`loopfm.fm.model`) and the vertical models (`loopfm.vm`).
+
+Plain PyTorch (no TorchRec). Sequence convention: left-aligned [B, L, ...] with lengths [B];
+positions ``>= length`` are padding, masked out (`length_mask`) and never able to change an
+output; an empty sequence pools to zeros.
+
+Speed notes (CPU, one thread, 50-long histories): self-attention runs through
+`F.scaled_dot_product_attention` with one additive float mask (fused scale + mask + softmax, no
+[B, H, L, L] intermediate copies) and one QKV matmul; DIN-style attention units never build the
+[q, k, q⊙k, k−q] concatenation per position: their first linear layer is split into a per-key
+part (one batched matmul whose per-example matrix folds in q⊙), a per-query part computed once per
+example, and (for position features) a projected table looked up per position. Parameters and
+their names are those of the plain formulation, so results match it up to float rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG = -1e9  # finite mask sentinel: a fully masked row softmaxes to finite values, never NaN
+
+
+def length_mask(lengths: Tensor, L: int) -> Tensor:
+    """Bool [B, L]: True at real positions (``position < length``)."""
+    return torch.arange(L, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
+
+
+def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
+    """Mean over the real positions of x [B, L, D]; zeros for empty sequences."""
+    m = length_mask(lengths, x.shape[1]).unsqueeze(-1)
+    s = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+    return s / lengths.clamp(min=1).to(x.dtype)[:, None]
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last dim restricted to ``mask``; all-masked rows give zeros (not NaN)."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    any_valid = mask.any(-1, keepdim=True)
+    w = torch.softmax(torch.where(any_valid, logits, torch.zeros_like(logits)), dim=-1)
+    return torch.where(mask, w, torch.zeros_like(w))
+
+
+def additive_key_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, L] bool key mask -> additive float mask [B, 1, 1, L] (0 real, `NEG` padding) for SDPA."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, NEG)[:, None, None, :]
+
+
+class MLP(nn.Sequential):
+    """Linear → activation (→ dropout) blocks, then an optional plain Linear to ``out``.
+
+    ``out_dim`` is the last width (the input's when there are no layers)."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0,
+                 activation: type[nn.Module] = nn.ReLU, out: int | None = None) -> None:
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), activation()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if out is not None:
+            layers.append(nn.Linear(d, out))
+            d = out
+        super().__init__(*layers)
+        self.out_dim = d
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention + residual + LayerNorm over [B, L, D]; padded keys are masked out.
+
+    ``key_mask`` is the additive float mask of `additive_key_mask` (built once per sequence and
+    shared by stacked layers)."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of num_heads {num_heads}")
+        self.h, self.hd = num_heads, d_model // num_heads
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.out = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        B, L, D = x.shape
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(x, weight, bias).view(B, L, 3, self.h, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [B, H, L, hd]
+        return self.norm(x + self.out(a.transpose(1, 2).reshape(B, L, D)))
+
+
+def din_unit_input(keys: Tensor, query: Tensor, w_key: Tensor, w_query: Tensor, w_prod: Tensor,
+                   bias: Tensor | None) -> Tensor:
+    """First linear layer of a DIN attention unit, ``k W_k + q W_q + (k⊙q) W_p + b``, per position.
+
+    keys [..., L, d], query [..., d]; weights [..., out, d] (nn.Linear layout, broadcasting over
+    the leading dims), bias [..., out]. Returns [..., L, out]. A difference feature k−q folds into
+    the weights (W_k + W_diff, W_q − W_diff) before the call.
+    """
+    per_key = w_key.transpose(-1, -2) + query.unsqueeze(-1) * w_prod.transpose(-1, -2)  # [..., d, out]
+    per_query = torch.matmul(query.unsqueeze(-2), w_query.transpose(-1, -2))  # [..., 1, out]
+    if bias is not None:
+        per_query = per_query + bias.unsqueeze(-2)
+    return torch.matmul(keys, per_key) + per_query
+
+
+class DINAttention(nn.Module):
+    """DIN's target attention (Zhou et al. 2018): an MLP scores [q, k, q−k, q⊙k] per position;
+    weights are the raw scores (no softmax, as DIN and FuxiCTR's default), zero past the length;
+    returns Σ_l w_l v_l [B, D_v]. Keys may differ from values in width via ``key_dim``."""
+
+    def __init__(self, query_dim: int, key_dim: int, hidden: Sequence[int] = (64, 32),
+                 softmax: bool = False) -> None:
+        super().__init__()
+        self.project = nn.Linear(query_dim, key_dim) if query_dim != key_dim else nn.Identity()
+        self.scorer = MLP(4 * key_dim, hidden, activation=nn.Sigmoid, out=1)
+        self.softmax = softmax
+
+    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
+        q = self.project(query)
+        first = self.scorer[0]
+        w_q, w_k, w_diff, w_prod = first.weight.chunk(4, dim=1)  # input order [q, k, q−k, q⊙k]
+        x = din_unit_input(keys, q, w_k - w_diff, w_q + w_diff, w_prod, first.bias)
+        for layer in list(self.scorer)[1:]:
+            x = layer(x)
+        return x.squeeze(-1)
+
+    def forward(self, query: Tensor, keys: Tensor, lengths: Tensor, values: Tensor | None = None) -> Tensor:
+        values = keys if values is None else values
+        mask = length_mask(lengths, keys.shape[1])
+        keys = torch.where(mask[..., None], keys, torch.zeros((), dtype=keys.dtype))
+        values = torch.where(mask[..., None], values, torch.zeros((), dtype=values.dtype))
+        s = self.scores(query, keys)
+        w = masked_softmax(s, mask) if self.softmax else torch.where(mask, s, torch.zeros_like(s))
+        return torch.einsum("bl,bld->bd", w, values)
+
+
+def dot_attention(queries: Tensor, values: Tensor, lengths: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Dot-product target attention over learned values: out[b,h] = Σ_l softmax_l(q_h·z_l/√d + bias) z_l.
+
+    queries [B, H, d], values [B, L, d], bias [B, L] or [B, H, L]; zeros for empty sequences.
+    Differentiable in the values too; sequences of data (codes) go through `kernels.int4_attend`,
+    which computes the same without building the weights in memory."""
+    mask = length_mask(lengths, values.shape[1])
+    values = torch.where(mask[..., None], values, torch.zeros((), dtype=values.dtype))
+    logits = torch.einsum("bhd,bld->bhl", queries, values.to(queries.dtype)) / math.sqrt(values.shape[-1])
+    if bias is not None:
+        logits = logits + (bias[:, None] if bias.dim() == 2 else bias)
+    w = masked_softmax(logits, mask[:, None, :])
+    return torch.einsum("bhl,bld->bhd", w, values.to(queries.dtype))

@@ -1,0 +1,82 @@
+"""Shared layers (`loopfm.layers`) and the FM's DMIN: the restructured attention equals the plain
+formulation (concatenated unit inputs, explicit masked softmax) on the same parameters, values and
+gradients; padding never changes an output."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loopfm.fm.config import ModelConfig
+from loopfm.fm.model import DMIN
+from loopfm.layers import NEG, DINAttention, SelfAttention, additive_key_mask, length_mask
+
+
+def _plain_self_attention(layer: SelfAttention, x, mask):
+    B, L, D = x.shape
+    heads = lambda t: t.reshape(B, L, layer.h, layer.hd).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(layer.q(x)), heads(layer.k(x)), heads(layer.v(x))
+    s = (q @ k.transpose(-1, -2) / math.sqrt(layer.hd)).masked_fill(~mask[:, None, None, :], NEG)
+    a = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, L, D)
+    return layer.norm(x + layer.out(a))
+
+
+def _plain_dmin(m: DMIN, seq, lengths, target):
+    steps = torch.arange(m.L)
+    mask = steps[None] < lengths[:, None]
+    pos = m.position((lengths[:, None] - 1 - steps[None]).clamp(min=0))
+    h = _plain_self_attention(m.extractor, _plain_self_attention(m.refiner, m.inp(seq), mask), mask)
+    h = h.reshape(-1, m.L, m.h, m.hd)
+    q = m.target(target).reshape(-1, m.h, m.hd)
+    out = []
+    for i, unit in enumerate(m.units):
+        hi, qi = h[:, :, i], q[:, i, None].expand_as(h[:, :, i])
+        score = unit(torch.cat([hi, qi, hi * qi, hi - qi, pos], -1)).squeeze(-1)
+        w = torch.softmax(score.masked_fill(~mask, NEG), 1) * mask
+        out.append((w[..., None] * hi).sum(1))
+    return torch.cat(out, 1)
+
+
+def _grads(module, out, g):
+    module.zero_grad()
+    out.backward(g)
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention_mlp", [[8, 5], [6], []])
+def test_dmin_equals_the_plain_formulation(attention_mlp):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="dmin", num_heads=3, head_dim=4, attention_mlp=attention_mlp, position_dim=3)
+    m = DMIN(seq_dim=6, seq_len=7, cfg=cfg)
+    seq, target = torch.randn(9, 7, 6), torch.randn(9, 6)
+    lengths = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 7])
+    fast, plain = m(seq, lengths, target), _plain_dmin(m, seq, lengths, target)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(fast)
+    gf, gp = _grads(m, fast, g), _grads(m, plain, g)
+    assert gf.keys() == gp.keys()
+    for name in gf:
+        torch.testing.assert_close(gf[name], gp[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert fast[0].abs().max() == 0  # an empty history is a zero interest
+    # garbage in the padding changes nothing
+    noisy = torch.where(length_mask(lengths, 7)[..., None], seq, torch.full_like(seq, 1e3))
+    torch.testing.assert_close(m(noisy, lengths, target), fast, rtol=1e-5, atol=1e-6)
+
+
+def test_self_attention_equals_the_plain_formulation():
+    torch.manual_seed(1)
+    layer = SelfAttention(8, 2)
+    x, lengths = torch.randn(4, 5, 8), torch.tensor([5, 3, 1, 0])
+    mask = length_mask(lengths, 5)
+    torch.testing.assert_close(layer(x, additive_key_mask(mask, x.dtype)), _plain_self_attention(layer, x, mask),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_din_attention_equals_the_concatenated_scorer():
+    torch.manual_seed(2)
+    att = DINAttention(query_dim=3, key_dim=4, hidden=(6, 5))
+    q, keys = torch.randn(5, 3), torch.randn(5, 7, 4)
+    qp = att.project(q)[:, None].expand_as(keys)
+    plain = att.scorer(torch.cat([qp, keys, qp - keys, qp * keys], -1)).squeeze(-1)
+    torch.testing.assert_close(att.scores(q, keys), plain, rtol=1e-5, atol=1e-6)
