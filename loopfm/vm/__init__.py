@@ -8,14 +8,14 @@
   DIEN, DMR, DMIN, one file each.
 * `train`: `VMTrainConfig`, one-pass streaming training and day-8 evaluation (`run_vm`).
 """
-from loopfm.vm.batch import VMBatch, attach_sequence, iter_vm_batches, vm_batch_from_record_batch, vm_columns
+from loopfm.vm.batch import VMBatch, iter_vm_batches, vm_batch_from_record_batch, vm_columns
 from loopfm.vm.encoders import SequenceEncoder
 from loopfm.vm.kd import KDConfig, aux_target, kd_for_variant, kd_loss, scale_grad, variant_flags
 from loopfm.vm.model import MODELS, VerticalModel, VMModelConfig, build_model
 from loopfm.vm.train import VMResult, VMTrainConfig, predict, run_vm, train_one_pass
 
 __all__ = [
-    "VMBatch", "attach_sequence", "iter_vm_batches", "vm_batch_from_record_batch", "vm_columns", "SequenceEncoder",
+    "VMBatch", "iter_vm_batches", "vm_batch_from_record_batch", "vm_columns", "SequenceEncoder",
     "KDConfig", "aux_target", "kd_for_variant", "kd_loss", "scale_grad", "variant_flags",
     "MODELS", "VerticalModel", "VMModelConfig", "build_model",
     "VMResult", "VMTrainConfig", "predict", "run_vm", "train_one_pass",

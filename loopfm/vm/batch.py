@@ -149,30 +149,6 @@ class VMBatch:
                                    seq_deltas=None if deltas is None else deltas.float(), seq_codebook=codebook)
 
 
-def attach_sequence(batch: VMBatch, codes, lengths, deltas=None, *, quantizer: str,
-                    codebook=None, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> VMBatch:
-    """A copy of ``batch`` with the LoopFM sequence of a padded code batch (e.g. the stages'
-    ``SequenceBatch``: ``codes`` uint8 [B, L, code_bytes], ``lengths`` [B], ``deltas`` [B, L]).
-
-    ``int4`` and ``int4-kmeans`` with one shared [16] ``codebook`` stay packed (the kernel op
-    reads them); other codes (fp16, int8, per-dim k-means) are turned into float [B, L, d] by
-    ``decode`` (e.g. ``lambda c: loopfm.stages.compress.decode(c, spec)``).
-    """
-    def tensor(x):
-        return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-
-    lengths_t = tensor(lengths).to(torch.int32)
-    deltas_t = None if deltas is None else tensor(deltas).float()
-    shared = codebook is None or np.ndim(codebook) == 1
-    if quantizer == "int4" or (quantizer == "int4-kmeans" and shared and codebook is not None):
-        cb = None if codebook is None else tensor(np.asarray(codebook, np.float32))
-        return batch.with_sequence(packed=tensor(codes).to(torch.uint8), lengths=lengths_t, deltas=deltas_t, codebook=cb)
-    if decode is None:
-        raise ValueError(f"{quantizer!r} codes need a decode function (codes -> float [B, L, d])")
-    values = decode(codes.numpy() if isinstance(codes, Tensor) else codes)
-    return batch.with_sequence(values=tensor(np.asarray(values, np.float32)), lengths=lengths_t, deltas=deltas_t)
-
-
 # -- building VMBatches from an event log -----------------------------------------------------
 def vm_columns(schema: Schema, raw_seq_feature: str | None = None) -> list[str]:
     """Event-log columns a VM batch reads: example id, label, the user key, the VM-visible features, and the

@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from loopfm.vm import (KDConfig, VMModelConfig, VMTrainConfig, attach_sequence, build_model, iter_vm_batches,
+from loopfm.vm import (KDConfig, VMModelConfig, VMTrainConfig, build_model, iter_vm_batches,
                        run_vm)
 
 stages = pytest.importorskip("loopfm.stages.sequences")
 from tests.stages.util import fabricate_extract  # noqa: E402
-from loopfm.stages.compress import CompressConfig, decode, run_compress  # noqa: E402
+from loopfm.stages.compress import CompressConfig, run_compress  # noqa: E402
 from loopfm.stages.sequences import SequenceReader, SequencesConfig, run_build_sequences  # noqa: E402
+from loopfm.codes.inputs import attach_codes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,7 @@ def with_loopfm(batches, reader, soft):
     spec = reader.quant_spec()
     for b in batches:
         sb = reader.gather(b.example_ids.numpy(), layout="padded")
-        b = attach_sequence(b, sb.codes, sb.lengths, sb.deltas, quantizer=spec.quantizer,
-                            codebook=spec.codebook, decode=lambda c: decode(c, spec))
+        b = attach_codes(b, sb.codes, sb.lengths, sb.deltas, spec)
         yield dataclasses.replace(b, soft_labels=torch.tensor([soft[i] for i in b.example_ids.tolist()]))
 
 
