@@ -35,27 +35,38 @@ class ManifestError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_output(out: str | Path) -> Iterator[Path]:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def replaced_folder(folder: str | Path) -> Iterator[Path]:
+    """A fresh temp sibling of ``folder`` to write into; when the block succeeds it replaces
+    ``folder`` (the old one moved aside first, so there is never a half folder), when it fails it
+    is removed and ``folder`` is left as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        if not (tmp / MANIFEST).exists():
-            raise RuntimeError(f"stage output {out} was not given a {MANIFEST} manifest")
-        if out.exists():
-            # Move the old folder aside first, so there is never a moment with a half folder.
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            tmp.rename(out)
+        if folder.exists():
+            trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            folder.rename(trash)
+            tmp.rename(folder)
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            tmp.rename(out)
+            tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | Path) -> Iterator[Path]:
+    """A stage output: written into a temp sibling, put in place only once it has its manifest."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    with replaced_folder(out) as tmp:
+        yield tmp
+        if not (tmp / MANIFEST).exists():
+            raise RuntimeError(f"stage output {out} was not given a {MANIFEST} manifest")
 
 
 def _remove_stale_temps(out: Path) -> None:

@@ -157,7 +157,8 @@ def run_build_sequences(cfg: LoopFMConfig, run_dir: Path, *, rank: int = 0, worl
 
 def run_train_vm(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: bool = True) -> tuple[dict, bool]:
     from loopfm.stages.train_vm import run_train_vm as train_vm
-    from loopfm.tracking import TensorBoardLogger, replaced_folder
+    from loopfm.artifacts import replaced_folder
+    from loopfm.tracking import TensorBoardLogger
 
     key = stage_hashes(cfg)["train-vm"]
     out = run_dir / "vm"

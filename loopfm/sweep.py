@@ -410,7 +410,7 @@ def log_sweep_tensorboard(tb_dir: Path, summary: dict) -> Path:
     that one needs a single run's results and logs only the AUC of a sweep."""
     from torch.utils.tensorboard import SummaryWriter  # lazy: heavy import
 
-    from loopfm.tracking import replaced_folder
+    from loopfm.artifacts import replaced_folder
 
     values = summary["values"]
     steps = values if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else range(len(values))

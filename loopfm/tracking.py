@@ -10,13 +10,9 @@ truncates its JSONL after the checkpoint's step and has TensorBoard purge the la
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Iterator, Mapping, Protocol
+from typing import Mapping, Protocol
 
 
 class MetricLogger(Protocol):
@@ -105,24 +101,3 @@ def build_logger(folder: str | Path, rank: int, *, resume_step: int | None = Non
     return MultiLogger(*loggers)
 
 
-@contextlib.contextmanager
-def replaced_folder(folder: str | Path) -> Iterator[Path]:
-    """A fresh temp sibling of ``folder`` to write into; when the block succeeds it replaces
-    ``folder`` (the old one moved aside first, so there is never a half folder), when it fails it
-    is removed and ``folder`` is left as it was."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if folder.exists():
-            trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            folder.rename(trash)
-            tmp.rename(folder)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

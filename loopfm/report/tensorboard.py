@@ -1,6 +1,6 @@
 """The report's TensorBoard scalars: exactly what ``results.json`` holds, in ``tb_dir/report``.
 
-The folder is written afresh and swapped in whole (`loopfm.tracking.replaced_folder`), so a rerun
+The folder is written afresh and swapped in whole (`loopfm.artifacts.replaced_folder`), so a rerun
 replaces every tag: a value that is now null (a transfer ratio below its floor, an undefined AUC)
 is absent, never left at its old value, and no tag holds two values at one step.
 """
@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from loopfm.report.render import results_table, sweep_lines
 from loopfm.report.results import METRIC_KEYS, num
-from loopfm.tracking import replaced_folder
+from loopfm.artifacts import replaced_folder
 
 def _curve_points(curve: Any) -> List[Tuple[int, float]]:
     if isinstance(curve, Mapping):

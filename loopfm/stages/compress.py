@@ -4,27 +4,14 @@ Input: an extract output (`loopfm.stages.codes_format`). Output ``OUT/codes/day=
 with the extract's metadata columns and ``code``, plus ``OUT/_SUCCESS`` (quantizer, dim, codebook,
 bytes per event, error report) and, for raw activations, ``OUT/projection/*.npy``.
 
-Quantizers (z are tanh codes in [-1, 1]; ``dim`` = Matryoshka prefix z[:, :dim], chosen here):
-
-=============  =========================================  ===============  =====================
-quantizer      value stored for z                         bytes per event  max error on [-1, 1]
-=============  =========================================  ===============  =====================
-fp16           float16(z), little-endian                  2 * dim          fp16 rounding
-int8           q = clamp(round(127 z), -127, 127) (int8);  dim              1/254
-               value q / 127 (symmetric, no scale)
-int4           u = clamp(round(8 z), -8, 7) + 8;           dim / 2          1/16 on [-1, 15/16]
-               value (u - 8) / 8 (the paper's rule)
-int4-kmeans    u = nearest of 16 levels fitted by 1-D      dim / 2          data dependent
-               k-means; value codebook[u]
-=============  =========================================  ===============  =====================
-
-The quantizers themselves (`QuantSpec`, `encode`, `decode`, the k-means fit) live in
-`loopfm.codes.quant`; INT4 codes are packed two per byte (low nibble = even dimension), the layout
-the dequant-and-attend kernel reads. k-means levels are fitted on a sample of the fit
-days (``fit_days``, by default every extract day but the VM's test day -- the ``test_day`` argument,
-the last extract day when run alone -- so the test day is never used), either one 16-level table shared by all dimensions (what the kernel takes) or one per
-dimension (``kmeans_tables: per-dim``; decode with `decode`). The fit starts from the uniform grid
-and from quantiles and keeps the better, so on the fit sample it is never worse than uniform INT4.
+The quantizers (what is stored per value, bytes per event, the error bound) are tabled in
+`loopfm.codes.quant`, which implements them. INT4 codes are packed two per byte (low nibble = even
+dimension), the layout the dequant-and-attend kernel reads. k-means levels are fitted on a sample
+of the fit days (``fit_days``, by default every extract day but the VM's test day -- the
+``test_day`` argument, the last extract day when run alone -- so the test day is never used),
+either one 16-level table shared by all dimensions (what the kernel takes) or one per dimension
+(``kmeans_tables: per-dim``; decode with `decode`). The fit starts from the uniform grid and from
+quantiles and keeps the better, so on the fit sample it is never worse than uniform INT4.
 
 Raw activations (extract ``kind == "raw"``): centre, project to ``dim`` with PCA (top principal
 axes of the fit sample) or a seeded Gaussian random projection, then divide each output dimension
