@@ -88,7 +88,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, owned by another user
         return True
     return True
 
@@ -96,12 +96,19 @@ def _alive(pid: int) -> bool:
 # -- JSON ----------------------------------------------------------------------------------------
 def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:
     """Write JSON to a temp file beside ``path`` and rename it into place (never a half file)."""
+    atomic_write_text(path, json.dumps(data, **({"indent": 2} | dumps)))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, fsync it and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, **({"indent": 2} | dumps)))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -148,7 +148,7 @@ def _vm_baseline(cfg: LoopFMConfig, run_dir: Path, log, train_days: list[int], v
 def sequence_coverage(cfg: LoopFMConfig, log, extract_manifest: dict, day: int) -> dict:
     """Share of ``day``'s rows with a non-empty LoopFM sequence, and the mean length (all rows)."""
     from loopfm.data.history import Timeline, timeline_order
-    from loopfm.stages.sequences import entry_mask
+    from loopfm.data.history import entry_mask
 
     s = log.schema
     key_col = s.user_key if cfg.vm.sequence_key == "user" else s.item_key

@@ -7,8 +7,7 @@
 
 Each stage is the component of the same name in ``torchx_components/loopfm.py``, submitted through
 `torchx.runner.get_runner`; launch waits for it and stops at the first one that does not succeed,
-printing its handle, where its logs are and the last error lines. Stages the installed CLI does not
-have yet are skipped with a note. Rerunning the same command resumes: complete stages are skipped
+printing its handle, where its logs are and the last error lines. Rerunning the same command resumes: complete stages are skipped
 by their manifests, and train-fm continues from its last checkpoint (``--resume``).
 """
 from __future__ import annotations
@@ -108,7 +107,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.config is None:
         print("loopfm launch: error: CONFIG is required (e.g. configs/quickstart.yaml)", file=sys.stderr)
         return 2
-    have = available_stages()
     _wanted_stages(args.stages)  # a misspelled stage fails before anything else
     if args.scheduler in LOCAL_SCHEDULERS:
         # dist.ddp runs `torchrun`, replicas run `python`: both from this interpreter's environment
@@ -119,13 +117,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
                   f"choose from {', '.join(sorted(runner.scheduler_backends()))}", file=sys.stderr)
             return 2
         cfg = _scheduler_cfg(runner, args)
-        planned = _plan(runner, args, cfg, have)
+        planned = _plan(runner, args, cfg)
         if planned is None:
             return 2
         for stage, info in planned:
-            if info is None:
-                print(f"[launch] {stage}: skipped (this version of loopfm has no `{stage}` command)")
-            elif args.dryrun:
+            if args.dryrun:
                 print(f"[launch] {stage}: dry run on {args.scheduler}\n{info}\n")
             elif not _run_stage(runner, stage, info, args):
                 return 1
@@ -134,16 +130,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(runner, args: argparse.Namespace, cfg: dict, have: list[str]) -> list | None:
-    """(stage, dry-run info or None when the CLI lacks the stage) for every wanted stage, built
-    before anything is submitted so that a bad option fails first; None after printing an error."""
+def _plan(runner, args: argparse.Namespace, cfg: dict) -> list | None:
+    """(stage, dry-run info) for every wanted stage, built before anything is submitted so that a
+    bad option fails first; None after printing an error."""
     from torchx.specs.api import InvalidRunConfigException
 
     planned = []
     for stage in _wanted_stages(args.stages):
-        if stage not in have:
-            planned.append((stage, None))
-            continue
         try:
             planned.append((stage, runner.dryrun(stage_app(stage, args), args.scheduler, cfg=cfg)))
         except (InvalidRunConfigException, ValueError, ImportError) as err:

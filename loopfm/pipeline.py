@@ -107,8 +107,7 @@ def run_train_fm(cfg: LoopFMConfig, run_dir: Path, *, resume: bool, force: bool,
     key = stage_hashes(cfg)["train-fm"]
     if not force and is_complete(run_dir / "fm", key):
         return read_manifest(run_dir / "fm")["eval"], False
-    read_manifest(run_dir / "data")  # a clear error if prepare has not run
-    check_inputs(run_dir, "train-fm")
+    require_intact(run_dir / "data")  # a clear error if prepare has not run or its output is damaged
     try:  # --force starts the FM over: no resume from a checkpoint
         metrics = train_fm(cfg.fm, run_dir / "data", run_dir / "fm", seed=cfg.seed, config_hash=key,
                            config_yaml=config_yaml(cfg), resume=resume and not force, progress=progress)
@@ -264,11 +263,13 @@ def run_all(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: 
     ]
     assert [name for name, _ in steps] == list(STAGES[:-1])
     for name, step in steps:
-        state, detail = stage_state(run_dir / FOLDERS[name], hashes[name])
-        if state == "damaged" and not force:
+        # one integrity check per stage: an intact stage of this config is skipped here, not
+        # checked again by its run_* function
+        state, detail = ("forced", "") if force else stage_state(run_dir / FOLDERS[name], hashes[name])
+        if state == "damaged":
             echo(f"[{name}] damaged ({detail}): redoing it")
         start = time.perf_counter()
-        manifest, ran = step()
+        manifest, ran = (read_manifest(run_dir / FOLDERS[name]), False) if state == "ok" else step()
         if name == "prepare":  # the days a source yields are known once it is prepared
             check_days_in_log(cfg, [int(d) for d in manifest["rows_per_day"]], str(run_dir / "data"))
         if ran:

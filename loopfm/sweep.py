@@ -376,7 +376,7 @@ def sweep_table(summary: dict, metric: str = "auc") -> str:
 def write_sweep_report(out: Path, summary: dict) -> Path:
     """``out/report.md``: AUC / NE / LogLoss per point, which stages each point reused, the plot."""
     from loopfm import report
-    from loopfm.report.results import atomic_write_text
+    from loopfm.artifacts import atomic_write_text
 
     key = summary["param"]
     parts = [f"# LoopFM sweep — {key}", "",

@@ -13,17 +13,10 @@ from pathlib import Path
 import pytest
 
 from loopfm.cli import main
+from tests.tiny import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.synthetic.rows=6000",
-    "fm.model.embedding_dim=8", "fm.model.dnn=[32,16,8]", "fm.model.head_dim=8", "fm.model.attention_mlp=[16]",
-    "fm.autoencoder.dim=8", "fm.autoencoder.prefixes=[4,8]", "fm.autoencoder.hidden=[16]",
-    "fm.train.batch_size=256",
-    "compress.dim=8", "sequences.max_len=10",
-    "vm.models=[deepfm,dmin]", "vm.seeds=2", "vm.model.embedding_dim=8", "vm.model.dnn=[16]",
-    "vm.model.attention_mlp=[8]",
-]
+TINY = ["data.synthetic.rows=6000", *TINY_MODELS, "vm.models=[deepfm,dmin]", "vm.seeds=2"]
 VARIANTS = {"baseline", "kd", "loopfm", "kd+loopfm"}
 
 

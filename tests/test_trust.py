@@ -19,17 +19,11 @@ import yaml
 from loopfm.artifacts import ManifestError, atomic_output, inside, write_manifest
 from loopfm.cli import main
 from loopfm.lock import run_lock
+from tests.tiny import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "quickstart.yaml")
-TINY = [
-    "data.synthetic.rows=4000",
-    "fm.model.embedding_dim=8", "fm.model.dnn=[16,8]", "fm.model.head_dim=8", "fm.model.attention_mlp=[8]",
-    "fm.autoencoder.dim=8", "fm.autoencoder.prefixes=[4,8]", "fm.autoencoder.hidden=[16]",
-    "fm.train.batch_size=256", "compress.dim=8", "sequences.max_len=10",
-    "vm.models=[deepfm]", "vm.variants=[baseline,loopfm]", "vm.model.embedding_dim=8", "vm.model.dnn=[16]",
-    "vm.model.attention_mlp=[8]",
-]
+TINY = ["data.synthetic.rows=4000", *TINY_MODELS, "vm.models=[deepfm]", "vm.variants=[baseline,loopfm]"]
 
 
 def _run(out: Path, *extra: str) -> int:

@@ -36,6 +36,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 COMPOSITE_LIMIT = 1 << 62  # key ranks * time span must stay below this for the composite code
+ENTRY_LABELS = ("all", "positive", "negative")  # which events enter a history, by label
+
+
+def entry_mask(label: np.ndarray, entry_labels: str) -> np.ndarray:
+    """Which events enter a history under ``entry_labels`` (one of ENTRY_LABELS)."""
+    if entry_labels == "all":
+        return np.ones(len(label), bool)
+    return np.asarray(label) == (1 if entry_labels == "positive" else 0)
 
 
 class Timeline:

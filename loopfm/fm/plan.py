@@ -13,7 +13,6 @@ sizes must come from ``rows`` (``--rows item_id=1e9``, by vocabulary name) or ``
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 

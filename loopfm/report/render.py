@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from loopfm.report.results import VARIANT_LABELS, atomic_write_text, num, variant_sort_key
+from loopfm.artifacts import atomic_write_text
+from loopfm.report.results import VARIANT_LABELS, num, variant_sort_key
 
 # --------------------------------------------------------------------------------------------
 # report.md and plots
@@ -256,9 +257,8 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
         fname = f"auc_vs_{_safe_name(param)}.png"
         if plot_sweep(str(param), values, out / fname):
             title = "AUC vs sequence length" if param == "L" else f"AUC vs {param}"
-            parts += [f"### {title}", "", f"| {param} | " + " | ".join(
-                sweep_lines(values).keys()) + " |"]
             lines = sweep_lines(values)
+            parts += [f"### {title}", "", f"| {param} | " + " | ".join(lines.keys()) + " |"]
             xs = sorted({p[0] for pts in lines.values() for p in pts})
             parts.append("|---:|" + "---:|" * len(lines))
             for xv in xs:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -44,6 +43,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from loopfm import metrics as M
+from loopfm.artifacts import atomic_write_text
 from loopfm.stats import SEEDS_MEASURE, USERS_MEASURE, paired_bootstrap_auc, paired_t_test
 
 #: Main variants in the paper's row order (Table 1), with their row labels.
@@ -354,23 +354,6 @@ def build_results(
         "n_boot": int(n_boot),
     }
     return json_safe(results)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:

@@ -152,12 +152,11 @@ class Scorer:
                 codes[u, :k] = e_codes
                 deltas[u, :k] = ts - e_ts
             lengths[u] = k
-        rows = np.searchsorted(unique, keys)
-        if len(unique) == 1:  # one user x N candidates: one sequence, broadcast without copies
-            inputs = sequence_inputs(b.spec, codes, lengths, deltas)
-            seq = inputs["packed"] if "packed" in inputs else inputs["values"]
+        # one decode per distinct key; the rows share it (broadcast when there is one key)
+        inputs = sequence_inputs(b.spec, codes, lengths, deltas)
+        seq = inputs["packed"] if "packed" in inputs else inputs["values"]
+        if len(unique) == 1:  # one user x N candidates: no copies
             return (seq.expand(n, *seq.shape[1:]), inputs["lengths"].expand(n), inputs["deltas"].expand(n, L),
                     int(lengths[0]))
-        inputs = sequence_inputs(b.spec, codes[rows], lengths[rows], deltas[rows])
-        seq = inputs["packed"] if "packed" in inputs else inputs["values"]
-        return seq, inputs["lengths"], inputs["deltas"], int(lengths.max())
+        rows = torch.from_numpy(np.searchsorted(unique, keys))
+        return seq[rows], inputs["lengths"][rows], inputs["deltas"][rows], int(lengths.max())

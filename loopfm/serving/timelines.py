@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from loopfm.artifacts import read_manifest
 from loopfm.serving.store import TimelineStore
 from loopfm.codes import format as cf
-from loopfm.stages.sequences import entry_mask, open_manifest
+from loopfm.data.history import entry_mask
+from loopfm.stages.sequences import open_manifest
 
 
 def _kind(seq_manifest: dict, key: str | None) -> str:

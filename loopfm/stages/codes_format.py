@@ -23,15 +23,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from loopfm.artifacts import MANIFEST, atomic_output, read_manifest, write_manifest
 from loopfm.codes.format import (  # noqa: F401  (re-exported)
-    CODE_COLUMN, CODES_DIR, EXTRACT_FACTS, KINDS, META_COLUMNS, META_TYPES, Z_COLUMN, bytes_from_arrow,
-    bytes_to_arrow, check_extract_manifest, compress_schema, extract_schema, part_path, read_codes,
-    stage_days, stage_files, sum_rows_per_day, write_codes, write_packed, z_from_arrow, z_to_arrow)
+    CODE_COLUMN, KINDS, META_COLUMNS, Z_COLUMN, bytes_from_arrow, bytes_to_arrow, check_extract_manifest,
+    extract_schema, read_codes, stage_days, stage_files, sum_rows_per_day, write_codes, write_packed,
+    z_from_arrow, z_to_arrow)
 
 
 # -- sharded stage outputs -----------------------------------------------------------------------

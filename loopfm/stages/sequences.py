@@ -61,12 +61,11 @@ import pyarrow.parquet as pq
 from loopfm.progress import progress_bar
 
 from loopfm.artifacts import MANIFEST, inside, read_manifest, write_manifest
-from loopfm.data.history import COMPOSITE_LIMIT, Timeline
+from loopfm.data.history import COMPOSITE_LIMIT, ENTRY_LABELS, Timeline, entry_mask
 from loopfm.stages import codes_format as cf
 
 KeyKind = Literal["user", "item"]
 KEY_KINDS = ("user", "item")
-ENTRY_LABELS = ("all", "positive", "negative")
 DAY_SECONDS = 86_400
 _COMPOSITE_LIMIT = COMPOSITE_LIMIT  # keys * time span must stay below this (tests lower it)
 TIMELINE_SCHEMA_BASE = [("key", pa.int64()), ("ts", pa.int64()), ("example_id", pa.int64()), ("label", pa.int8())]
@@ -108,12 +107,6 @@ class SequencesConfig:
     @property
     def window_s(self) -> int:
         return int(round(self.window_days * DAY_SECONDS))
-
-
-def entry_mask(label: np.ndarray, entry_labels: str) -> np.ndarray:
-    if entry_labels == "all":
-        return np.ones(len(label), bool)
-    return np.asarray(label) == (1 if entry_labels == "positive" else 0)
 
 
 # -- the core: offsets, via the shared point-in-time search (loopfm.data.history) -------------

@@ -130,15 +130,12 @@ def train_one_pass(model: VerticalModel, batches: Iterable[VMBatch], cfg: VMTrai
 
 
 @torch.no_grad()
-def predict(model: VerticalModel, batches: Iterable[VMBatch], device: str | torch.device | None = None
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(model: VerticalModel, batches: Iterable[VMBatch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Served probabilities (serving head only), labels and user ids over all batches.
 
-    Runs on the model's device (``device`` is accepted for older callers and must match it);
-    predictions are copied back once at the end, labels and user ids come from the host batches."""
+    Runs on the model's device; predictions are copied back once at the end, labels and user ids
+    come from the host batches."""
     model_device = next(model.parameters()).device
-    if device is not None and device != "auto" and torch.device(device) != model_device:
-        raise ValueError(f"predict: the model is on {model_device}, not on {device}")
     model.eval()
     host = list(batches)
     if not host:

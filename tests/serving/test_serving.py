@@ -18,16 +18,11 @@ from pathlib import Path
 import pytest
 
 from loopfm.cli import main
+from tests.tiny import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "data.synthetic.rows=3000",
-    "fm.model.embedding_dim=8", "fm.model.dnn=[32,16,8]", "fm.model.head_dim=8", "fm.model.attention_mlp=[16]",
-    "fm.autoencoder.dim=8", "fm.autoencoder.prefixes=[4,8]", "fm.autoencoder.hidden=[16]",
-    "fm.train.batch_size=256", "compress.dim=8", "sequences.max_len=10",
-    "vm.models=[deepfm,dmin]", "vm.variants=[kd+loopfm]", "vm.seeds=1", "vm.model.embedding_dim=8",
-    "vm.model.dnn=[16]", "vm.model.attention_mlp=[8]",
-]
+TINY = ["data.synthetic.rows=3000", *TINY_MODELS, "vm.models=[deepfm,dmin]", "vm.variants=[kd+loopfm]",
+        "vm.seeds=1"]
 MODELS = ("deepfm", "dmin")
 _REDIS_DB = itertools.count(1)  # a fresh Redis database number per test
 

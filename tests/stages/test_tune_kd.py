@@ -12,16 +12,11 @@ from loopfm.cli import main
 from loopfm.config import load_config
 from loopfm.experiment import LoopFMConfig
 from loopfm.stages.tune_kd import KDSearchConfig, summarize
+from tests.tiny import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "quickstart.yaml")
-TINY = [  # tests/test_pipeline.py's tiny run, one VM
-    "data.synthetic.rows=6000",
-    "fm.model.embedding_dim=8", "fm.model.dnn=[32,16,8]", "fm.model.head_dim=8", "fm.model.attention_mlp=[16]",
-    "fm.autoencoder.dim=8", "fm.autoencoder.prefixes=[4,8]", "fm.autoencoder.hidden=[16]",
-    "fm.train.batch_size=256", "compress.dim=8", "sequences.max_len=10",
-    "vm.models=[deepfm]", "vm.model.embedding_dim=8", "vm.model.dnn=[16]", "vm.model.attention_mlp=[8]",
-]
+TINY = ["data.synthetic.rows=6000", *TINY_MODELS, "vm.models=[deepfm]"]  # tests/test_pipeline.py's, one VM
 GRID = ["tune_kd.alpha=[1,5]", "tune_kd.gamma=[1]", "tune_kd.beta=[1]"]
 
 

@@ -107,7 +107,7 @@ import yaml
 
 from loopfm.config import ConfigError
 from loopfm.data.errors import DataError
-from loopfm.data.history import StreamingHistories, time_ordered
+from loopfm.data.history import ENTRY_LABELS, StreamingHistories, entry_mask, time_ordered
 from loopfm.data.schema import KINDS, ROLES, FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
 from loopfm.data.text import DelimitedReader, local_to_utc, parse_float_strings, parse_int_strings
@@ -116,7 +116,6 @@ from loopfm.data.text import trimmed as _strings
 
 RESERVED = ("example_id", "ts", "day", "label")
 EVENT_KINDS = KINDS + ("history",)
-HISTORY_LABELS = ("all", "positive", "negative")
 UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
@@ -310,7 +309,7 @@ def _history_entry(fr: _Reader, name: str, features: list[FeatureEntry]) -> Feat
         fm_only=fr.bool("fm_only", True), vocab=fr.str("vocab", None), group=fr.str("group", "history"),
         description=fr.str("description", ""), max_len=fr.int("max_len", 50, minimum=1),
         of=fr.str("of"), key=fr.str("key", ""), window_days=window,
-        labels=fr.choice("labels", HISTORY_LABELS, "all"), yaml_path=fr.path)
+        labels=fr.choice("labels", ENTRY_LABELS, "all"), yaml_path=fr.path)
 
 
 def _resolve_history(f: FeatureEntry, features: list[FeatureEntry], user: str, item: str,
@@ -814,11 +813,11 @@ def attach_histories(chunks: Iterator[pa.Table], specs: list[FeatureEntry], work
                                       window=None if g[1] is None else int(round(g[1] * 86_400)))
                 for g, fs in groups.items()}
     for table in time_ordered(chunks, work, chunk_rows):
-        label = table.column("label").to_numpy()
-        for (key_col, _, labels), fs in groups.items():
-            entry = None if labels == "all" else label == (1 if labels == "positive" else 0)
-            lists = builders[(key_col, _, labels)].update(
-                table.column(_raw_name(key_col)).combine_chunks(), table.column("ts").to_numpy(),
+        label, ts = table.column("label").to_numpy(), table.column("ts").to_numpy()
+        for (key_col, window_days, labels), fs in groups.items():
+            entry = None if labels == "all" else entry_mask(label, labels)
+            lists = builders[(key_col, window_days, labels)].update(
+                table.column(_raw_name(key_col)).combine_chunks(), ts,
                 {f.name: table.column(_raw_name(f.of_column)).combine_chunks() for f in fs}, entry)
             for f in fs:
                 table = table.append_column(f.name, lists[f.name])

@@ -324,14 +324,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices of the ranges [start, start + length) and the list offsets (int32)."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    idx = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
-    return idx, offsets.astype(np.int32)
-
-
 def _nullable(values: np.ndarray, missing: np.ndarray | None) -> pa.Array:
     return pa.array(values, mask=missing) if missing is not None else pa.array(values)
 
@@ -573,7 +565,8 @@ class _World:
         def seq(values: np.ndarray) -> pa.Array:
             return pa.ListArray.from_arrays(off, pa.array(values))
 
-        xd_idx, xd_off = _ranges(users * cfg.cross_domain_len, self.xd_len[users])
+        xd_start = users * cfg.cross_domain_len
+        xd_idx, xd_off = gather(xd_start, xd_start + self.xd_len[users])
         xd_values = self.xd_seq.ravel()[xd_idx].astype(np.int32) + 1
         pid_arr = pa.DictionaryArray.from_arrays(pa.array(pid.astype(np.int8)),
                                                  pa.array(PID_VALUES)).dictionary_decode()
@@ -599,7 +592,7 @@ class _World:
             "hist_cate_id": seq(self.b_cat[idx]),
             "hist_brand": seq(self.b_brand[idx]),
             "hist_btag": seq(self.b_btag[idx].astype(np.int32)),
-            "xd_content_cate": pa.ListArray.from_arrays(pa.array(xd_off), pa.array(xd_values)),
+            "xd_content_cate": pa.ListArray.from_arrays(pa.array(xd_off.astype(np.int32)), pa.array(xd_values)),
             "xd_views_7d": pa.array(self.views[users]),
             "xd_likes_7d": pa.array(self.likes[users]),
         })
