@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loopfm.artifacts import atomic_output, is_complete, read_manifest, write_manifest
+from loopfm.artifacts import atomic_output, atomic_write_text, is_complete, read_manifest, write_manifest
 from loopfm.config import ConfigError, config_hash
 
 if TYPE_CHECKING:
@@ -235,7 +235,7 @@ def append_to_report(run_dir: str | Path) -> None:
     path, report = run_dir / FOLDER / "diagnose.json", run_dir / "report.md"
     if path.is_file() and report.is_file():
         text = report.read_text().rstrip("\n")
-        report.write_text(f"{text}\n\n## Diagnosis (before the VM runs)\n\n{render(json.loads(path.read_text()))}\n")
+        atomic_write_text(report, f"{text}\n\n## Diagnosis (before the VM runs)\n\n{render(json.loads(path.read_text()))}\n")
 
 
 def _floats(metrics: dict) -> dict:

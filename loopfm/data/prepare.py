@@ -134,7 +134,8 @@ def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool,
         if not counters:  # the first chunk fixes each vocabulary's key type
             counters = {name: VocabCounter(t) for name, t in _key_types(chunk, info).items()}
         chunk = _normalise(chunk, info, offset, {n: c.key_type for n, c in counters.items()})
-        _check_time_range(chunk.column("ts").to_numpy(), time_range, source, info, offset)
+        ts = chunk.column("ts").to_numpy()
+        _check_time_range(ts, time_range, source, info, offset)
         for f in info.features:
             if f.kind == "categorical":
                 counters[f.vocab_name].update(chunk.column(f.name))
@@ -143,7 +144,7 @@ def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool,
         path = staging / f"chunk-{i:05d}.parquet"
         pq.write_table(chunk, path, compression="none")  # scratch: read once, deleted
         staged.append((path, offset, chunk.num_rows))
-        ts_parts.append(chunk.column("ts").to_numpy())
+        ts_parts.append(ts)
         offset += chunk.num_rows
         bar.update(chunk.num_rows)
     bar.close()
