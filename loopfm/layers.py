@@ -9,8 +9,11 @@ Speed notes (CPU, one thread, 50-long histories): self-attention runs through
 [B, H, L, L] intermediate copies) and one QKV matmul; DIN-style attention units never build the
 [q, k, q⊙k, k−q] concatenation per position: their first linear layer is split into a per-key
 part (one batched matmul whose per-example matrix folds in q⊙), a per-query part computed once per
-example, and (for position features) a projected table looked up per position. Parameters and
-their names are those of the plain formulation, so results match it up to float rounding.
+example, and (for position features) a projected table looked up per position. `shared_rows`
+finds the rows of a batch that repeat a sequence (impressions of one page view share their
+user's history), so that work depending on the sequence alone is done once per distinct row.
+Parameters and their names are those of the plain formulation, so results match it up to float
+rounding.
 """
 from __future__ import annotations
 
@@ -34,6 +37,37 @@ def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
     m = length_mask(lengths, x.shape[1]).unsqueeze(-1)
     s = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
     return s / lengths.clamp(min=1).to(x.dtype)[:, None]
+
+
+def shared_rows(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Rows of ``x`` [B, ...] that repeat (with equal ``lengths`` [B]): ``(first, inverse)`` such that
+    ``x[first][inverse]`` equals ``x`` exactly, ``first`` [U] holding one row index per distinct row;
+    None when every row is distinct.
+
+    Rows are grouped by a fingerprint, an integer weighted sum of their bytes (16 bits at a time)
+    computed exactly in float64 (every partial sum stays below 2**53, so identical rows get
+    identical fingerprints whatever the summation order), then every row is compared exactly with its group's first row; if two
+    different rows ever shared a fingerprint, the batch counts as all distinct (None): a grouping
+    is never wrong, at worst missed.
+    """
+    B = x.shape[0]
+    if B < 2:
+        return None
+    flat = x.detach().reshape(B, -1)
+    words = flat.contiguous().view(torch.int16).to(torch.float64)  # |word| <= 2**15
+    n = words.shape[1]
+    weights = (torch.arange(n, dtype=torch.float64, device=x.device) * 40503 % 65521) + 1  # in [1, 2**16)
+    key = words @ weights + lengths.to(torch.float64) * 2.0 ** 32  # exact while n < 2**21
+    _, inverse = torch.unique(key, return_inverse=True)
+    U = int(inverse.max()) + 1
+    if U == B:
+        return None
+    first = torch.full((U,), B, dtype=torch.long, device=x.device).scatter_reduce_(
+        0, inverse, torch.arange(B, device=x.device), "amin")
+    rep = first[inverse]
+    if not (torch.equal(flat[rep], flat) and torch.equal(lengths[rep], lengths)):
+        return None
+    return first, inverse
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from loopfm.fm.config import ModelConfig
 from loopfm.fm.model import DMIN
-from loopfm.layers import NEG, DINAttention, SelfAttention, additive_key_mask, length_mask
+from loopfm.layers import NEG, DINAttention, SelfAttention, additive_key_mask, length_mask, shared_rows
 
 
 def _plain_self_attention(layer: SelfAttention, x, mask):
@@ -62,6 +62,49 @@ def test_dmin_equals_the_plain_formulation(attention_mlp):
     # garbage in the padding changes nothing
     noisy = torch.where(length_mask(lengths, 7)[..., None], seq, torch.full_like(seq, 1e3))
     torch.testing.assert_close(m(noisy, lengths, target), fast, rtol=1e-5, atol=1e-6)
+
+
+def test_dmin_encodes_a_shared_history_once_and_equals_the_plain_formulation():
+    """Rows repeating a history (with their own targets) share one encoding: values and gradients,
+    of the parameters and of every input row, equal the plain formulation's."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(arch="dmin", num_heads=2, head_dim=4, attention_mlp=[6, 5], position_dim=3)
+    m = DMIN(seq_dim=6, seq_len=7, cfg=cfg)
+    base, base_len = torch.randn(4, 7, 6), torch.tensor([7, 3, 0, 5])
+    pick = torch.tensor([0, 1, 0, 2, 3, 1, 1, 2, 0, 3, 3])  # 11 rows, 4 distinct histories
+    lengths = base_len[pick]
+    seq = base[pick].requires_grad_()
+    target = torch.randn(11, 6, requires_grad=True)
+    assert shared_rows(seq, lengths)[0].numel() == 4
+    fast = m(seq, lengths, target)
+    seq_p, target_p = seq.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
+    plain = _plain_dmin(m, seq_p, lengths, target_p)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(fast)
+    gf, gp = _grads(m, fast, g), _grads(m, plain, g)
+    for name in gp:
+        torch.testing.assert_close(gf[name], gp[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the input gradient of the shared history sums its rows' (it reaches the embedding tables
+    # through one row instead of several): equal per distinct history
+    for k in range(4):
+        rows = pick == k
+        torch.testing.assert_close(seq.grad[rows].sum(0), seq_p.grad[rows].sum(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(target.grad, target_p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_rows_groups_exactly_equal_rows_only():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [1.0, 2.0], [0.0, 0.0]])
+    lengths = torch.tensor([2, 2, 2, 1, 0])  # row 3 equals row 0 but is another length
+    first, inverse = shared_rows(x, lengths)
+    assert first.numel() == 4
+    assert torch.equal(x[first][inverse], x) and torch.equal(lengths[first][inverse], lengths)
+    assert inverse[0] == inverse[2] and len({int(i) for i in inverse[[0, 1, 3, 4]]}) == 4
+    assert shared_rows(torch.randn(6, 3), torch.full((6,), 3)) is None  # all distinct
+    assert shared_rows(x[:1], lengths[:1]) is None
+    # a -0.0 and a 0.0 weigh the same in any sum: equal fingerprints, but not equal rows
+    y, ones = torch.tensor([[0.0, 1.0], [-0.0, 1.0]]), torch.ones(2, dtype=torch.long)
+    got = shared_rows(y, ones)
+    assert got is None or torch.equal(y[got[0]][got[1]], y)
 
 
 def test_self_attention_equals_the_plain_formulation():

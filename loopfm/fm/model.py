@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from loopfm.fm.autoencoder import MatryoshkaAutoencoder
 from loopfm.fm.config import AutoencoderConfig, ModelConfig
 from loopfm.fm.features import FeatureLayout
-from loopfm.layers import MLP, NEG, SelfAttention, additive_key_mask, din_unit_input
+from loopfm.layers import MLP, NEG, SelfAttention, additive_key_mask, din_unit_input, length_mask, shared_rows
 
 
 class Tower(nn.Module):
@@ -67,14 +67,26 @@ class DMIN(nn.Module):
                                    for _ in range(cfg.num_heads))
         self.out_dim = d_model
 
+    def histories(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Each row's history after the refiner and the extractor, per head: [H, B, L, hd].
+
+        Both self-attention layers see only the history, not the target: rows with the same
+        history (impressions of one page view, ratings given in one session) are encoded once
+        and gathered back, which is exact (the gradient of a shared history sums its rows')."""
+        shared = shared_rows(seq, lengths)
+        if shared is not None:
+            seq, lengths = seq[shared[0]], lengths[shared[0]]
+        key_mask = additive_key_mask(length_mask(lengths, self.L), seq.dtype)
+        h = self.extractor(self.refiner(self.inp(seq), key_mask), key_mask)
+        h = h.view(-1, self.L, self.h, self.hd).permute(2, 0, 1, 3)
+        return h.contiguous() if shared is None else h.index_select(1, shared[1])
+
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         B, H, hd = seq.shape[0], self.h, self.hd
         steps = torch.arange(self.L, device=lengths.device)
         mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]; sequences are left-aligned
         recency = (lengths.unsqueeze(1) - 1 - steps.unsqueeze(0)).clamp(min=0)  # 0 = newest
-        key_mask = additive_key_mask(mask, seq.dtype)
-        h = self.extractor(self.refiner(self.inp(seq), key_mask), key_mask)
-        h = h.view(B, self.L, H, hd).permute(2, 0, 1, 3).contiguous()  # [H, B, L, hd]
+        h = self.histories(seq, lengths)  # [H, B, L, hd]
         q = self.target(target).view(B, H, hd).transpose(0, 1)  # [H, B, hd]
         # All heads' units at once, each on its own weights: the unit input [h, q, h*q, h-q, pos]
         # is never built (see `din_unit_input`); the position part is a projected table lookup.
