@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loopfm.data.schema import FeatureSpec
@@ -27,6 +28,12 @@ class FeatureEmbedding(nn.Module):
     item_id); categorical ids are looked up, sequence-kind features are mean-pooled bags (from
     their lengths), numeric features are ``value × w_f`` (FuxiCTR's numeric embedding).
     FM-only features are refused: a VM must be built from `Schema.vm_features()`.
+
+    The tables are stacked in one ``weight`` [Σ vocab sizes, D] (``tables`` maps a vocabulary to
+    its first row and size), so all categorical features are one lookup and one backward per
+    batch instead of one per feature. Row 0 of every table is the padding id, zero and never
+    trained: every id 0 reads row 0 of the weight (``padding_idx=0``), so no gradient reaches any
+    table's row 0. ``sparse`` (as `nn.Embedding`'s): row gradients instead of a dense one.
     """
 
     def __init__(self, features: Sequence[FeatureSpec], dim: int) -> None:
@@ -37,23 +44,40 @@ class FeatureEmbedding(nn.Module):
                              "(build the model from schema.vm_features())")
         self.dim = dim
         self.features = list(features)
-        self.tables = nn.ModuleDict()
+        self.tables: dict[str, tuple[int, int]] = {}  # vocabulary -> (first row, rows)
+        rows = 0
         for f in self.features:
             if f.kind != "numeric" and f.vocab_name not in self.tables:
                 if f.vocab_size < 2:
                     raise ValueError(f"feature {f.name!r} has vocab_size {f.vocab_size}; "
                                      "use the schema of a prepared event log")
-                self.tables[f.vocab_name] = nn.Embedding(f.vocab_size, dim, padding_idx=0)
+                self.tables[f.vocab_name] = (rows, f.vocab_size)
+                rows += f.vocab_size
+        self.weight = nn.Parameter(torch.empty(rows, dim))
+        self.categorical = [f for f in self.features if f.kind == "categorical"]
+        self.register_buffer("categorical_rows", torch.tensor(
+            [self.tables[f.vocab_name][0] for f in self.categorical], dtype=torch.long), persistent=False)
         numeric = [f.name for f in self.features if f.kind == "numeric"]
         self.numeric_names = numeric
         self.numeric = nn.Parameter(torch.empty(len(numeric), dim)) if numeric else None
+        # fields are computed grouped (categorical, bags, numeric); this puts them in feature order
+        kinds = ("categorical", "sequence", "numeric")
+        grouped = sorted(range(len(self.features)), key=lambda i: kinds.index(self.features[i].kind))
+        order = [grouped.index(i) for i in range(len(self.features))]
+        self.register_buffer("field_order", None if order == sorted(order) else torch.tensor(order),
+                             persistent=False)
+        self.sparse = False
+        with torch.no_grad():  # the draws one nn.Embedding per table made (it initialises itself):
+            for first, size in self.tables.values():  # a seed gives the same model as unstacked tables
+                nn.init.normal_(self.weight[first:first + size])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for t in self.tables.values():
-            nn.init.normal_(t.weight, std=1e-2 if self.dim > 1 else 1e-3)
-            with torch.no_grad():
-                t.weight[0].zero_()
+        with torch.no_grad():
+            for first, size in self.tables.values():
+                table = self.weight[first:first + size]
+                nn.init.normal_(table, std=1e-2 if self.dim > 1 else 1e-3)
+                table[0].zero_()
         if self.numeric is not None:
             nn.init.normal_(self.numeric, std=1e-2)
 
@@ -61,20 +85,27 @@ class FeatureEmbedding(nn.Module):
     def num_fields(self) -> int:
         return len(self.features)
 
-    def table_for(self, vocab_name: str) -> nn.Embedding:
-        return self.tables[vocab_name]
+    def _lookup(self, rows: Tensor, ids: Tensor) -> Tensor:
+        """Embeddings of ``ids`` whose tables start at ``rows`` (broadcast); id 0 reads the padding row."""
+        return F.embedding(torch.where(ids > 0, ids + rows, 0), self.weight, padding_idx=0, sparse=self.sparse)
+
+    def lookup(self, vocab_name: str, ids: Tensor) -> Tensor:
+        """Embeddings [*ids.shape, D] of ids of one vocabulary (e.g. a raw item-id sequence)."""
+        return self._lookup(torch.tensor(self.tables[vocab_name][0], device=ids.device), ids)
 
     def forward(self, batch) -> Tensor:
-        fields, n = [], 0
+        fields = []
+        if self.categorical:
+            ids = torch.stack([batch.sparse[f.name] for f in self.categorical], 1)
+            fields.append(self._lookup(self.categorical_rows, ids))
         for f in self.features:
-            if f.kind == "categorical":
-                fields.append(self.tables[f.vocab_name](batch.sparse[f.name]))
-            elif f.kind == "sequence":
-                fields.append(masked_mean(self.tables[f.vocab_name](batch.bags[f.name]), batch.bag_lengths[f.name]))
-            else:
-                fields.append(batch.dense[:, n, None] * self.numeric[n])
-                n += 1
-        return torch.stack(fields, 1)
+            if f.kind == "sequence":
+                bag = self.lookup(f.vocab_name, batch.bags[f.name])
+                fields.append(masked_mean(bag, batch.bag_lengths[f.name])[:, None])
+        if self.numeric is not None:
+            fields.append(batch.dense[..., None] * self.numeric)
+        x = torch.cat(fields, 1) if len(fields) > 1 else fields[0]
+        return x if self.field_order is None else x.index_select(1, self.field_order)
 
 
 def fm_interaction(x: Tensor) -> Tensor:

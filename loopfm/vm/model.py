@@ -120,7 +120,7 @@ class VerticalModel(nn.Module):
     def raw_sequence(self, batch) -> tuple[Tensor, Tensor]:
         if batch.raw_seq is None:
             raise ValueError("this model was built with raw_seq=True; the batch carries no raw_seq")
-        return self.embedding.table_for(self.item_vocab)(batch.raw_seq), batch.raw_seq_lengths
+        return self.embedding.lookup(self.item_vocab, batch.raw_seq), batch.raw_seq_lengths
 
     @property
     def num_dense(self) -> int:
