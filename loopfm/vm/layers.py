@@ -29,11 +29,12 @@ class FeatureEmbedding(nn.Module):
     their lengths), numeric features are ``value × w_f`` (FuxiCTR's numeric embedding).
     FM-only features are refused: a VM must be built from `Schema.vm_features()`.
 
-    The tables are stacked in one ``weight`` [Σ vocab sizes, D] (``tables`` maps a vocabulary to
-    its first row and size), so all categorical features are one lookup and one backward per
-    batch instead of one per feature. Row 0 of every table is the padding id, zero and never
-    trained: every id 0 reads row 0 of the weight (``padding_idx=0``), so no gradient reaches any
-    table's row 0. ``sparse`` (as `nn.Embedding`'s): row gradients instead of a dense one.
+    Speed: every table and every numeric feature's ``w_f`` are rows of one ``weight`` (``tables``
+    maps a vocabulary to its first row and size), so all fields are one lookup, one multiply and
+    one backward per batch: field f reads row ``first_f + id`` (numeric: its ``w_f`` row) times a
+    scale (1, the numeric value, or 0 for the padding id 0). Row 0 of every table is the padding
+    id: zero at init, and the zero scale keeps every gradient out of it, so it stays zero.
+    ``sparse`` (as `nn.Embedding`'s): row gradients instead of a dense one.
     """
 
     def __init__(self, features: Sequence[FeatureSpec], dim: int) -> None:
@@ -53,23 +54,26 @@ class FeatureEmbedding(nn.Module):
                                      "use the schema of a prepared event log")
                 self.tables[f.vocab_name] = (rows, f.vocab_size)
                 rows += f.vocab_size
-        self.weight = nn.Parameter(torch.empty(rows, dim))
-        self.categorical = [f for f in self.features if f.kind == "categorical"]
-        self.register_buffer("categorical_rows", torch.tensor(
-            [self.tables[f.vocab_name][0] for f in self.categorical], dtype=torch.long), persistent=False)
-        numeric = [f.name for f in self.features if f.kind == "numeric"]
-        self.numeric_names = numeric
-        self.numeric = nn.Parameter(torch.empty(len(numeric), dim)) if numeric else None
-        # fields are computed grouped (categorical, bags, numeric); this puts them in feature order
-        kinds = ("categorical", "sequence", "numeric")
-        grouped = sorted(range(len(self.features)), key=lambda i: kinds.index(self.features[i].kind))
-        order = [grouped.index(i) for i in range(len(self.features))]
-        self.register_buffer("field_order", None if order == sorted(order) else torch.tensor(order),
-                             persistent=False)
+        self.numeric_names = [f.name for f in self.features if f.kind == "numeric"]
+        self.numeric_first = rows  # the w_f rows follow the tables
+        self.weight = nn.Parameter(torch.empty(rows + len(self.numeric_names), dim))
+        first, n = [], 0
+        for f in self.features:
+            if f.kind == "numeric":
+                first.append(self.numeric_first + n)
+                n += 1
+            else:
+                first.append(self.tables[f.vocab_name][0])
+        self.register_buffer("field_first", torch.tensor(first, dtype=torch.long), persistent=False)
+        kind_cols = {k: [i for i, f in enumerate(self.features) if f.kind == k] for k in ("categorical", "numeric", "sequence")}
+        for kind, cols in kind_cols.items():
+            self.register_buffer(f"{kind}_cols", torch.tensor(cols, dtype=torch.long), persistent=False)
+        self.categorical = [self.features[i] for i in kind_cols["categorical"]]
+        self.bags = [self.features[i] for i in kind_cols["sequence"]]
         self.sparse = False
         with torch.no_grad():  # the draws one nn.Embedding per table made (it initialises itself):
-            for first, size in self.tables.values():  # a seed gives the same model as unstacked tables
-                nn.init.normal_(self.weight[first:first + size])
+            for first_row, size in self.tables.values():  # a seed gives the same model as unstacked tables
+                nn.init.normal_(self.weight[first_row:first_row + size])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,34 +82,45 @@ class FeatureEmbedding(nn.Module):
                 table = self.weight[first:first + size]
                 nn.init.normal_(table, std=1e-2 if self.dim > 1 else 1e-3)
                 table[0].zero_()
-        if self.numeric is not None:
-            nn.init.normal_(self.numeric, std=1e-2)
+            nn.init.normal_(self.weight[self.numeric_first:], std=1e-2)
 
     @property
     def num_fields(self) -> int:
         return len(self.features)
 
-    def _lookup(self, rows: Tensor, ids: Tensor) -> Tensor:
-        """Embeddings of ``ids`` whose tables start at ``rows`` (broadcast); id 0 reads the padding row."""
-        return F.embedding(torch.where(ids > 0, ids + rows, 0), self.weight, padding_idx=0, sparse=self.sparse)
+    @property
+    def numeric(self) -> Tensor:
+        """The numeric features' ``w_f`` [n_numeric, D] (rows of ``weight``)."""
+        return self.weight[self.numeric_first:]
 
     def lookup(self, vocab_name: str, ids: Tensor) -> Tensor:
         """Embeddings [*ids.shape, D] of ids of one vocabulary (e.g. a raw item-id sequence)."""
-        return self._lookup(torch.tensor(self.tables[vocab_name][0], device=ids.device), ids)
+        rows = torch.where(ids > 0, ids + self.tables[vocab_name][0], 0)  # id 0: row 0, the first table's padding
+        return F.embedding(rows, self.weight, padding_idx=0, sparse=self.sparse)
+
+    def field_ids(self, batch) -> Tensor:
+        """[B, F] ids per field (0 for numeric and sequence fields): the batch's ``field_ids`` when
+        its builder filled them for these features, else gathered from ``batch.sparse``."""
+        ids = getattr(batch, "field_ids", None)
+        if ids is not None and ids.shape[1] == len(self.features):
+            return ids
+        B = batch.labels.shape[0]
+        ids = torch.zeros(B, len(self.features), dtype=torch.long, device=batch.labels.device)
+        if self.categorical:
+            ids[:, self.categorical_cols] = torch.stack([batch.sparse[f.name] for f in self.categorical], 1)
+        return ids
 
     def forward(self, batch) -> Tensor:
-        fields = []
-        if self.categorical:
-            ids = torch.stack([batch.sparse[f.name] for f in self.categorical], 1)
-            fields.append(self._lookup(self.categorical_rows, ids))
-        for f in self.features:
-            if f.kind == "sequence":
-                bag = self.lookup(f.vocab_name, batch.bags[f.name])
-                fields.append(masked_mean(bag, batch.bag_lengths[f.name])[:, None])
-        if self.numeric is not None:
-            fields.append(batch.dense[..., None] * self.numeric)
-        x = torch.cat(fields, 1) if len(fields) > 1 else fields[0]
-        return x if self.field_order is None else x.index_select(1, self.field_order)
+        ids = self.field_ids(batch)
+        scale = (ids != 0).to(self.weight.dtype)
+        if self.numeric_names:
+            scale = scale.index_copy(1, self.numeric_cols, batch.dense.to(scale.dtype))
+        x = F.embedding(ids + self.field_first, self.weight, sparse=self.sparse) * scale.unsqueeze(-1)
+        if self.bags:
+            pooled = [masked_mean(self.lookup(f.vocab_name, batch.bags[f.name]), batch.bag_lengths[f.name])
+                      for f in self.bags]
+            x = x.index_copy(1, self.sequence_cols, torch.stack(pooled, 1))
+        return x
 
 
 def fm_interaction(x: Tensor) -> Tensor:
