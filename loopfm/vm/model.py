@@ -68,6 +68,14 @@ class VMModelConfig:
             raise ValueError(f"vm.model.dropout must be in [0, 1), got {self.dropout}")
 
 
+def _mean_weights(groups: list[list[int]], num_fields: int) -> Tensor:
+    """[G, F]: row g averages the fields of ``groups[g]``."""
+    w = torch.zeros(len(groups), num_fields)
+    for g, idx in enumerate(groups):
+        w[g, idx] = 1.0 / len(idx)
+    return w
+
+
 class VerticalModel(nn.Module):
     """Shared skeleton: fields → `trunk` (per model) → serving head (+ auxiliary KD head).
 
@@ -93,6 +101,13 @@ class VerticalModel(nn.Module):
         if cfg.raw_seq and self.item_vocab not in self.embedding.tables:
             raise ValueError(f"raw_seq needs the VM-visible item key {schema.item_key!r} (its table embeds the ids)")
         self.query_dim = D * (bool(self.item_fields) + bool(self.user_fields)) or D
+        # means over field groups as [groups, F] weights: one matmul (and one back), where indexing
+        # the fields costs an index and a scatter-add per batch
+        F = len(features)
+        groups = [idx for idx in (self.item_fields, self.user_fields) if idx] or [list(range(F))]
+        self.register_buffer("query_means", _mean_weights(groups, F), persistent=False)
+        self.register_buffer("target_means", _mean_weights([self.item_fields or list(range(F))], F),
+                             persistent=False)
         self.encoder = None
         if seq_dim is not None:
             self.encoder = SequenceEncoder(cfg.encoder, seq_dim, self.query_dim, heads=cfg.heads,
@@ -110,12 +125,11 @@ class VerticalModel(nn.Module):
 
     def target(self, emb: Tensor) -> Tensor:
         """The target item [B, D]: mean of the item-role fields (all fields if there are none)."""
-        return emb[:, self.item_fields].mean(1) if self.item_fields else emb.mean(1)
+        return torch.matmul(self.target_means, emb).squeeze(1)
 
     def query(self, emb: Tensor) -> Tensor:
         """Attention query for the LoopFM encoder: [target item, user] embeddings."""
-        parts = [emb[:, idx].mean(1) for idx in (self.item_fields, self.user_fields) if idx]
-        return torch.cat(parts, -1) if parts else emb.mean(1)
+        return torch.matmul(self.query_means, emb).flatten(1)
 
     def raw_sequence(self, batch) -> tuple[Tensor, Tensor]:
         if batch.raw_seq is None:

@@ -93,7 +93,8 @@ class FlatAdam:
     ``with``, parameters are views into one buffer and their ``.grad`` views into another, so
     autograd adds into the flat gradient in place, `zero_grad` is one fill, `step` one kernel on
     one tensor, and embedding lookups emit row (sparse) gradients that add only the rows they
-    touched. On exit every parameter gets its own storage back and the embeddings their setting.
+    touched (`FeatureEmbedding.grad_into`: one ``index_add_``). On exit every parameter gets its own
+    storage back and the embeddings their setting.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: VMTrainConfig) -> None:
@@ -117,6 +118,8 @@ class FlatAdam:
         self.sparse = {m: m.sparse for m in self.model.modules() if isinstance(m, (torch.nn.Embedding, FeatureEmbedding))}
         for m in self.sparse:
             m.sparse = True  # dense += sparse rows: the flat gradient is updated in place
+            if isinstance(m, FeatureEmbedding):
+                m.grad_into = True  # fields: one index_add into the flat gradient
         self.adam = torch.optim.Adam([self.flat], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=True)
         return self
 
@@ -133,6 +136,8 @@ class FlatAdam:
             p.data, p.grad = p.data.clone(), None
         for m, sparse in self.sparse.items():
             m.sparse = sparse
+            if isinstance(m, FeatureEmbedding):
+                m.grad_into = False
 
 
 def on_device(batches: Iterable[VMBatch], device: torch.device) -> Iterator[VMBatch]:
