@@ -51,8 +51,9 @@ class VMModelConfig:
                 "(DIN/DIEN/DMR/DMIN) or as a mean-pooled field (FM/FmFM/DeepFM)"})
     max_position: int = field(default=200, metadata={
         "help": "positions (recency ranks) with their own embedding; older entries share the last"})
-    kernel_backend: Literal["auto", "reference", "triton"] = field(default="auto", metadata={
-        "help": "backend of kernels.int4_attend for INT4 sequences (auto: Triton on CUDA)"})
+    kernel_backend: Literal["auto", "reference", "torch", "triton"] = field(default="auto", metadata={
+        "help": "backend of kernels.int4_attend for INT4 sequences (auto: Triton on CUDA, else the fast "
+                "PyTorch path 'torch'; 'reference' is the readable oracle)"})
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
