@@ -176,10 +176,10 @@ class VerticalModel(nn.Module):
         DIEN's reference code feed ``item_emb * item_his_sum`` to their DNN: an MLP learns such
         products slowly, and one streaming pass gives it little time."""
         F0 = self.embedding.num_fields
-        parts = [x.flatten(1), dense]
+        parts = [x.flatten(1)] + ([dense] if dense.shape[1] else [])
         if x.shape[1] > F0:
             parts.append((self.target(x[:, :F0])[:, None] * x[:, F0:]).flatten(1))
-        return torch.cat(parts, -1)
+        return torch.cat(parts, -1) if len(parts) > 1 else parts[0]  # one part: a view, no copy
 
     # -- heads ------------------------------------------------------------------------------------
     def build_heads(self, trunk_dim: int, fm_dims: int = 0) -> None:
