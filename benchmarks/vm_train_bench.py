@@ -10,7 +10,9 @@ Uses a finished run folder (event log, extract, compress, sequences), e.g. the q
 Batches (with soft labels and INT4 sequences attached) are built once, outside the timing; each
 row is one streaming pass over the training days with one torch thread, after an untimed warm-up
 of a few steps (the first optimizer of a process imports torch._dynamo: 2-3 s). Figures are the
-median of ``--repeats`` passes.
+median of ``--repeats`` passes, by two clocks: wall time, and the process's CPU time (user + system
+of every thread), which on a machine shared with other jobs leaves out the time this process
+waited for a core; on an idle machine, with one thread, the two agree.
 
 ``--baseline-ref GIT_REF`` checks that commit out into a temporary ``git worktree`` and times both
 codes in child processes, interleaved (this, ref, this, ref, ...) so that both see the same load;
@@ -75,7 +77,8 @@ def _load_config(path: Path):
 
 
 def time_passes(run: Path, models: list[str], variants: list[str], repeats: int) -> tuple[dict, dict]:
-    """{(model, variant): [examples/s per pass]} and facts about the data, in this process."""
+    """{(model, variant): [(wall examples/s, CPU examples/s) per pass]} and facts about the data,
+    in this process."""
     import torch
 
     from loopfm.data.eventlog import EventLog
@@ -105,9 +108,10 @@ def time_passes(run: Path, models: list[str], variants: list[str], repeats: int)
             rates[(model_name, variant)] = []
             for _ in range(repeats):
                 model = fresh()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 train_one_pass(model, batches, train_cfg, kd)
-                rates[(model_name, variant)].append(rows / (time.perf_counter() - start))
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                rates[(model_name, variant)].append((rows / wall, rows / cpu))
     facts = dict(rows=rows, steps=len(batches), batch=cfg.vm.train.batch_size, L=cfg.sequences.max_len,
                  quantizer=cfg.compress.quantizer, days=cfg.vm.train_days)
     return rates, facts
@@ -127,7 +131,7 @@ def _child(tree: Path, args: argparse.Namespace) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"timing child for {tree} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["rates"] = {(m, v): r[0] for m, v, r in out["rates"]}
+    out["rates"] = {(m, v): tuple(r[0]) for m, v, r in out["rates"]}
     return out
 
 
@@ -149,10 +153,17 @@ def compare(args: argparse.Namespace) -> None:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(ref_tree)], check=False)
     _header(args, facts)
-    print(f"| model | variant | {args.baseline_ref} examples/s | this examples/s | speed-up |\n|---|---|---:|---:|---:|")
+    ref_name = args.baseline_ref
+    print(f"| model | variant | {ref_name} examples/s (wall) | this examples/s (wall) | speed-up (wall) "
+          f"| {ref_name} examples/s (CPU) | this examples/s (CPU) | speed-up (CPU) |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|")
     for key in this:
-        a, b = statistics.median(ref[key]), statistics.median(this[key])
-        print(f"| {key[0]} | {key[1]} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
+        cells = []
+        for clock in (0, 1):
+            a = statistics.median(r[clock] for r in ref[key])
+            b = statistics.median(r[clock] for r in this[key])
+            cells.append(f"{a:,.0f} | {b:,.0f} | {b / a:.2f}x")
+        print(f"| {key[0]} | {key[1]} | {' | '.join(cells)} |")
 
 
 def _header(args: argparse.Namespace, facts: dict) -> None:
@@ -170,10 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rates, facts = time_passes(Path(args.run), args.models.split(","), args.variants.split(","), args.repeats)
         _header(args, facts)
-        print("| model | variant | examples/s | ms/step |\n|---|---|---:|---:|")
+        print("| model | variant | examples/s (wall) | ms/step (wall) | examples/s (CPU) |\n|---|---|---:|---:|---:|")
         for (model, variant), r in rates.items():
-            rate = statistics.median(r)
-            print(f"| {model} | {variant} | {rate:,.0f} | {1e3 * facts['rows'] / rate / facts['steps']:.2f} |")
+            rate, cpu_rate = statistics.median(x[0] for x in r), statistics.median(x[1] for x in r)
+            print(f"| {model} | {variant} | {rate:,.0f} | {1e3 * facts['rows'] / rate / facts['steps']:.2f} "
+                  f"| {cpu_rate:,.0f} |")
 
 
 if __name__ == "__main__":

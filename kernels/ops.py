@@ -11,8 +11,10 @@ Layers, outermost first:
   through ``torch.ops.loopfm.int4_attend_backward``, itself an op so compiled graphs keep the
   Triton backward as an opaque call.
 
-Backends: "reference" (pure PyTorch, any device), "triton" (CUDA, or CPU tensors under
-``TRITON_INTERPRET=1``), "auto" (Triton for CUDA tensors when triton imports, else reference).
+Backends: "reference" (readable pure PyTorch, any device: the oracle), "torch" (the same result,
+PyTorch written for speed: ``kernels.torch_int4_attend``, the CPU path), "triton" (CUDA, or CPU
+tensors under ``TRITON_INTERPRET=1``), "auto" (Triton for CUDA tensors when triton imports, else
+"torch").
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from typing import Optional, Union
 
 import torch
 
-from . import reference
+from . import reference, torch_int4_attend
 from .packing import check_codebook
 
 __all__ = ["BACKENDS", "int4_attend", "int4_attend_jagged", "triton_available", "resolve_backend"]
 
 Tensor = torch.Tensor
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,11 +53,11 @@ def _triton() -> ModuleType:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"reference" or "triton" for ``backend`` in BACKENDS and tensors on ``device``."""
+    """"reference", "torch" or "triton" for ``backend`` in BACKENDS and tensors on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' requested but triton is not installed")
     return backend
@@ -76,10 +78,12 @@ def _attend_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out ``[B, H, d]``, lse ``[B, H]``, weights or an empty tensor); see ``int4_attend``."""
-    if resolve_backend(backend, queries.device) == "triton":
+    resolved = resolve_backend(backend, queries.device)
+    if resolved == "triton":
         out, lse, weights = _triton().int4_attend_fwd(codes, seq, queries, codebook, bias, return_weights)
         return out, lse, weights
-    attend = reference.attend_jagged if codes.dim() == 2 else reference.attend_padded
+    impl = torch_int4_attend if resolved == "torch" else reference
+    attend = impl.attend_jagged if codes.dim() == 2 else impl.attend_padded
     out, lse, weights = attend(codes, seq, queries, codebook, bias)
     if not return_weights:
         weights = weights.new_empty((0,))
@@ -117,9 +121,11 @@ def _attend_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(d queries, d bias shaped like ``bias``, or an empty tensor when ``bias_grad`` is False)."""
-    if resolve_backend(backend, queries.device) == "triton":
+    resolved = resolve_backend(backend, queries.device)
+    if resolved == "triton":
         return _triton().int4_attend_bwd(grad_out, codes, seq, queries, codebook, bias, out, lse, bias_grad)
-    backward = reference.attend_jagged_backward if codes.dim() == 2 else reference.attend_padded_backward
+    impl = torch_int4_attend if resolved == "torch" else reference
+    backward = impl.attend_jagged_backward if codes.dim() == 2 else impl.attend_padded_backward
     dq, dbias = backward(grad_out, codes, seq, queries, codebook, bias, out, lse, bias_grad)
     if dbias is None:
         dbias = queries.new_empty((0,))
@@ -263,7 +269,7 @@ def int4_attend(
             ``(u - 8) / 8`` when None.
         bias: optional additive logit bias ``[B, L]`` (all heads) or ``[B, H, L]``.
         return_weights: also return the attention weights ``[B, H, L]`` (float32; not differentiable).
-        backend: "auto", "reference" or "triton".
+        backend: "auto", "reference", "torch" or "triton".
 
     Returns ``out`` ``[B, H, d]`` in the queries' dtype (zeros for empty sequences), or
     ``(out, weights)``. Gradients flow to ``queries`` and ``bias``; codes and codebook get none.

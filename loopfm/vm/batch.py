@@ -38,6 +38,9 @@ class VMBatch:
     raw_seq_lengths int32 [B]. example_ids: long [B], filled by the event-log builder so the caller
     can gather each example's sequence and soft label. current_code: float [B, d], the FM's
     (dequantized) code of the example itself, for the real-time-FM comparison of table 2.
+    field_ids: long [B, F], one column per `Schema.vm_features()` feature in order (the categorical
+    ids, 0 for numeric and sequence-kind features; ``sparse`` holds views of its columns), filled by
+    the event-log builder so a VM looks all fields up at once without gathering them every step.
     """
     sparse: dict[str, Tensor]
     dense: Tensor
@@ -55,6 +58,7 @@ class VMBatch:
     raw_seq_lengths: Tensor | None = None
     example_ids: Tensor | None = None  # event-log example ids: the key to gather sequences by
     current_code: Tensor | None = None  # float [B, d]: the FM's code of this very example (table 2)
+    field_ids: Tensor | None = None  # long [B, F]: ids per VM-visible feature, 0 for numeric / sequence
 
     def __post_init__(self) -> None:
         B = self.labels.shape[0]
@@ -94,6 +98,7 @@ class VMBatch:
         check("raw_seq_lengths", self.raw_seq_lengths, 1)
         check("example_ids", self.example_ids, 1)
         check("current_code", self.current_code, 2)
+        check("field_ids", self.field_ids, 2)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -204,15 +209,18 @@ def vm_batch_from_record_batch(rb: pa.RecordBatch | pa.Table, schema: Schema, *,
     def ints(name: str) -> Tensor:
         return torch.from_numpy(col(name).to_numpy(zero_copy_only=False).astype(np.int64))
 
+    features = schema.vm_features()
+    B = rb.num_rows
+    field_ids = torch.zeros(B, len(features), dtype=torch.long)
     sparse, bags, bag_lengths, dense = {}, {}, {}, []
-    for f in schema.vm_features():
+    for j, f in enumerate(features):
         if f.kind == "categorical":
-            sparse[f.name] = ints(f.name)
+            field_ids[:, j] = ints(f.name)
+            sparse[f.name] = field_ids[:, j]
         elif f.kind == "numeric":
             dense.append(col(f.name).to_numpy(zero_copy_only=False).astype(np.float32))
         else:
             bags[f.name], bag_lengths[f.name] = _padded(col(f.name), f.max_len)
-    B = rb.num_rows
     dense_t = torch.from_numpy(np.stack(dense, 1)) if dense else torch.zeros(B, 0)
     raw, raw_len = None, None
     if raw_seq_feature is not None:
@@ -221,7 +229,7 @@ def vm_batch_from_record_batch(rb: pa.RecordBatch | pa.Table, schema: Schema, *,
     return VMBatch(sparse=sparse, dense=dense_t, bags=bags, bag_lengths=bag_lengths,
                    labels=torch.from_numpy(col("label").to_numpy(zero_copy_only=False).astype(np.float32)),
                    user_ids=ints(schema.user_key), raw_seq=raw, raw_seq_lengths=raw_len,
-                   example_ids=ints("example_id") if "example_id" in names else None)
+                   example_ids=ints("example_id") if "example_id" in names else None, field_ids=field_ids)
 
 
 def iter_vm_batches(event_log, days: Sequence[int], batch_size: int, *,

@@ -15,7 +15,7 @@ from loopfm.data.schema import Schema
 from loopfm.vm.kd import KDConfig
 from loopfm.vm.model import VerticalModel, VMModelConfig, build_model
 
-FORMAT = 1
+FORMAT = 2  # 2: the embedding tables are one stacked weight (FeatureEmbedding.weight)
 
 
 def vm_checkpoint(model: VerticalModel) -> dict:

@@ -14,8 +14,8 @@ Encoders (table 3 of the paper):
 * ``dmin``: multi-head dot-product target attention (DMIN style): queries are a per-head projection
   of the target [B, H, d], bias = a learned per-head scalar × log1p(Δt / 1 h) (recency), output
   [B, H, d] flattened → [B, H·d]. On INT4-packed codes this calls the fused dequant-and-attend op
-  `kernels.int4_attend` (PyTorch reference on CPU, Triton on CUDA; codes are never dequantized in
-  memory); float codes go through the same op (it reads float values as they are). Mean / sum
+  `kernels.int4_attend` (its fast PyTorch path on CPU, Triton on CUDA, where codes are never
+  dequantized in memory); float codes go through the same op (it reads float values as they are). Mean / sum
   pooling also go through the op (zero queries → uniform weights = the mean).
 
 Masks come from lengths only: positions ``>= length`` never change an output; empty sequences

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loopfm.data.schema import FeatureSpec
@@ -20,6 +21,26 @@ __all__ = ["MLP", "DINAttention", "dot_attention", "length_mask", "masked_mean",
            "MultiHeadTargetAttention", "DMRRelevance"]
 
 
+class _GatherRowsIntoGrad(torch.autograd.Function):
+    """``weight[rows]`` whose backward adds the row gradients into the dense ``weight.grad`` with
+    one ``index_add_`` and hands autograd nothing for ``weight``: autograd's own ways (a sparse
+    gradient added into the dense one, or a dense ``[V, D]`` gradient built and then added) cost
+    3-10x more per batch. Only for a trainer that owns ``weight.grad`` (`FeatureEmbedding.grad_into`)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
+        ctx.weight = weight
+        ctx.save_for_backward(rows)
+        return F.embedding(rows, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        weight = ctx.weight
+        weight.grad.index_add_(0, rows.reshape(-1), grad.reshape(-1, weight.shape[1]))
+        return None, None
+
+
 class FeatureEmbedding(nn.Module):
     """Embeds the VM-visible features as fields [B, F, D].
 
@@ -27,6 +48,15 @@ class FeatureEmbedding(nn.Module):
     item_id); categorical ids are looked up, sequence-kind features are mean-pooled bags (from
     their lengths), numeric features are ``value × w_f`` (FuxiCTR's numeric embedding).
     FM-only features are refused: a VM must be built from `Schema.vm_features()`.
+
+    Speed: every table and every numeric feature's ``w_f`` are rows of one ``weight`` (``tables``
+    maps a vocabulary to its first row and size), so all fields are one lookup, one multiply and
+    one backward per batch: field f reads row ``first_f + id`` (numeric: its ``w_f`` row) times a
+    scale (1, the numeric value, or 0 for the padding id 0). Row 0 of every table is the padding
+    id: zero at init, and the zero scale keeps every gradient out of it, so it stays zero.
+    ``sparse`` (as `nn.Embedding`'s, for `lookup`): row gradients instead of a dense one.
+    ``grad_into`` (set by a trainer that keeps a dense ``weight.grad``, `loopfm.vm.train.FlatAdam`):
+    the fields' backward adds its rows into ``weight.grad`` directly instead of returning them.
     """
 
     def __init__(self, features: Sequence[FeatureSpec], dim: int) -> None:
@@ -37,44 +67,87 @@ class FeatureEmbedding(nn.Module):
                              "(build the model from schema.vm_features())")
         self.dim = dim
         self.features = list(features)
-        self.tables = nn.ModuleDict()
+        self.tables: dict[str, tuple[int, int]] = {}  # vocabulary -> (first row, rows)
+        rows = 0
         for f in self.features:
             if f.kind != "numeric" and f.vocab_name not in self.tables:
                 if f.vocab_size < 2:
                     raise ValueError(f"feature {f.name!r} has vocab_size {f.vocab_size}; "
                                      "use the schema of a prepared event log")
-                self.tables[f.vocab_name] = nn.Embedding(f.vocab_size, dim, padding_idx=0)
-        numeric = [f.name for f in self.features if f.kind == "numeric"]
-        self.numeric_names = numeric
-        self.numeric = nn.Parameter(torch.empty(len(numeric), dim)) if numeric else None
+                self.tables[f.vocab_name] = (rows, f.vocab_size)
+                rows += f.vocab_size
+        self.numeric_names = [f.name for f in self.features if f.kind == "numeric"]
+        self.numeric_first = rows  # the w_f rows follow the tables
+        self.weight = nn.Parameter(torch.empty(rows + len(self.numeric_names), dim))
+        first, n = [], 0
+        for f in self.features:
+            if f.kind == "numeric":
+                first.append(self.numeric_first + n)
+                n += 1
+            else:
+                first.append(self.tables[f.vocab_name][0])
+        self.register_buffer("field_first", torch.tensor(first, dtype=torch.long), persistent=False)
+        kind_cols = {k: [i for i, f in enumerate(self.features) if f.kind == k] for k in ("categorical", "numeric", "sequence")}
+        for kind, cols in kind_cols.items():
+            self.register_buffer(f"{kind}_cols", torch.tensor(cols, dtype=torch.long), persistent=False)
+        self.categorical = [self.features[i] for i in kind_cols["categorical"]]
+        self.bags = [self.features[i] for i in kind_cols["sequence"]]
+        self.sparse = self.grad_into = False
+        with torch.no_grad():  # the draws one nn.Embedding per table made (it initialises itself):
+            for first_row, size in self.tables.values():  # a seed gives the same model as unstacked tables
+                nn.init.normal_(self.weight[first_row:first_row + size])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for t in self.tables.values():
-            nn.init.normal_(t.weight, std=1e-2 if self.dim > 1 else 1e-3)
-            with torch.no_grad():
-                t.weight[0].zero_()
-        if self.numeric is not None:
-            nn.init.normal_(self.numeric, std=1e-2)
+        with torch.no_grad():
+            for first, size in self.tables.values():
+                table = self.weight[first:first + size]
+                nn.init.normal_(table, std=1e-2 if self.dim > 1 else 1e-3)
+                table[0].zero_()
+            nn.init.normal_(self.weight[self.numeric_first:], std=1e-2)
 
     @property
     def num_fields(self) -> int:
         return len(self.features)
 
-    def table_for(self, vocab_name: str) -> nn.Embedding:
-        return self.tables[vocab_name]
+    @property
+    def numeric(self) -> Tensor:
+        """The numeric features' ``w_f`` [n_numeric, D] (rows of ``weight``)."""
+        return self.weight[self.numeric_first:]
+
+    def lookup(self, vocab_name: str, ids: Tensor) -> Tensor:
+        """Embeddings [*ids.shape, D] of ids of one vocabulary (e.g. a raw item-id sequence)."""
+        rows = torch.where(ids > 0, ids + self.tables[vocab_name][0], 0)  # id 0: row 0, the first table's padding
+        return F.embedding(rows, self.weight, padding_idx=0, sparse=self.sparse)
+
+    def field_ids(self, batch) -> Tensor:
+        """[B, F] ids per field (0 for numeric and sequence fields): the batch's ``field_ids`` when
+        its builder filled them for these features, else gathered from ``batch.sparse``."""
+        ids = getattr(batch, "field_ids", None)
+        if ids is not None and ids.shape[1] == len(self.features):
+            return ids
+        B = batch.labels.shape[0]
+        ids = torch.zeros(B, len(self.features), dtype=torch.long, device=batch.labels.device)
+        if self.categorical:
+            ids[:, self.categorical_cols] = torch.stack([batch.sparse[f.name] for f in self.categorical], 1)
+        return ids
 
     def forward(self, batch) -> Tensor:
-        fields, n = [], 0
-        for f in self.features:
-            if f.kind == "categorical":
-                fields.append(self.tables[f.vocab_name](batch.sparse[f.name]))
-            elif f.kind == "sequence":
-                fields.append(masked_mean(self.tables[f.vocab_name](batch.bags[f.name]), batch.bag_lengths[f.name]))
-            else:
-                fields.append(batch.dense[:, n, None] * self.numeric[n])
-                n += 1
-        return torch.stack(fields, 1)
+        ids = self.field_ids(batch)
+        scale = (ids != 0).to(self.weight.dtype)
+        if self.numeric_names:
+            scale = scale.index_copy(1, self.numeric_cols, batch.dense.to(scale.dtype))
+        rows = ids + self.field_first
+        if self.grad_into and self.weight.grad is not None and torch.is_grad_enabled():
+            x = _GatherRowsIntoGrad.apply(self.weight, rows)
+        else:
+            x = F.embedding(rows, self.weight, sparse=self.sparse)
+        x = x * scale.unsqueeze(-1)
+        if self.bags:
+            pooled = [masked_mean(self.lookup(f.vocab_name, batch.bags[f.name]), batch.bag_lengths[f.name])
+                      for f in self.bags]
+            x = x.index_copy(1, self.sequence_cols, torch.stack(pooled, 1))
+        return x
 
 
 def fm_interaction(x: Tensor) -> Tensor:

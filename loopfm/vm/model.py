@@ -51,8 +51,9 @@ class VMModelConfig:
                 "(DIN/DIEN/DMR/DMIN) or as a mean-pooled field (FM/FmFM/DeepFM)"})
     max_position: int = field(default=200, metadata={
         "help": "positions (recency ranks) with their own embedding; older entries share the last"})
-    kernel_backend: Literal["auto", "reference", "triton"] = field(default="auto", metadata={
-        "help": "backend of kernels.int4_attend for INT4 sequences (auto: Triton on CUDA)"})
+    kernel_backend: Literal["auto", "reference", "torch", "triton"] = field(default="auto", metadata={
+        "help": "backend of kernels.int4_attend for INT4 sequences (auto: Triton on CUDA, else the fast "
+                "PyTorch path 'torch'; 'reference' is the readable oracle)"})
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -66,6 +67,14 @@ class VMModelConfig:
             raise ValueError("vm.model.dnn and vm.model.attention_mlp sizes must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"vm.model.dropout must be in [0, 1), got {self.dropout}")
+
+
+def _mean_weights(groups: list[list[int]], num_fields: int) -> Tensor:
+    """[G, F]: row g averages the fields of ``groups[g]``."""
+    w = torch.zeros(len(groups), num_fields)
+    for g, idx in enumerate(groups):
+        w[g, idx] = 1.0 / len(idx)
+    return w
 
 
 class VerticalModel(nn.Module):
@@ -93,6 +102,13 @@ class VerticalModel(nn.Module):
         if cfg.raw_seq and self.item_vocab not in self.embedding.tables:
             raise ValueError(f"raw_seq needs the VM-visible item key {schema.item_key!r} (its table embeds the ids)")
         self.query_dim = D * (bool(self.item_fields) + bool(self.user_fields)) or D
+        # means over field groups as [groups, F] weights: one matmul (and one back), where indexing
+        # the fields costs an index and a scatter-add per batch
+        F = len(features)
+        groups = [idx for idx in (self.item_fields, self.user_fields) if idx] or [list(range(F))]
+        self.register_buffer("query_means", _mean_weights(groups, F), persistent=False)
+        self.register_buffer("target_means", _mean_weights([self.item_fields or list(range(F))], F),
+                             persistent=False)
         self.encoder = None
         if seq_dim is not None:
             self.encoder = SequenceEncoder(cfg.encoder, seq_dim, self.query_dim, heads=cfg.heads,
@@ -110,17 +126,16 @@ class VerticalModel(nn.Module):
 
     def target(self, emb: Tensor) -> Tensor:
         """The target item [B, D]: mean of the item-role fields (all fields if there are none)."""
-        return emb[:, self.item_fields].mean(1) if self.item_fields else emb.mean(1)
+        return torch.matmul(self.target_means, emb).squeeze(1)
 
     def query(self, emb: Tensor) -> Tensor:
         """Attention query for the LoopFM encoder: [target item, user] embeddings."""
-        parts = [emb[:, idx].mean(1) for idx in (self.item_fields, self.user_fields) if idx]
-        return torch.cat(parts, -1) if parts else emb.mean(1)
+        return torch.matmul(self.query_means, emb).flatten(1)
 
     def raw_sequence(self, batch) -> tuple[Tensor, Tensor]:
         if batch.raw_seq is None:
             raise ValueError("this model was built with raw_seq=True; the batch carries no raw_seq")
-        return self.embedding.table_for(self.item_vocab)(batch.raw_seq), batch.raw_seq_lengths
+        return self.embedding.lookup(self.item_vocab, batch.raw_seq), batch.raw_seq_lengths
 
     @property
     def num_dense(self) -> int:
@@ -161,10 +176,10 @@ class VerticalModel(nn.Module):
         DIEN's reference code feed ``item_emb * item_his_sum`` to their DNN: an MLP learns such
         products slowly, and one streaming pass gives it little time."""
         F0 = self.embedding.num_fields
-        parts = [x.flatten(1), dense]
+        parts = [x.flatten(1)] + ([dense] if dense.shape[1] else [])
         if x.shape[1] > F0:
             parts.append((self.target(x[:, :F0])[:, None] * x[:, F0:]).flatten(1))
-        return torch.cat(parts, -1)
+        return torch.cat(parts, -1) if len(parts) > 1 else parts[0]  # one part: a view, no copy
 
     # -- heads ------------------------------------------------------------------------------------
     def build_heads(self, trunk_dim: int, fm_dims: int = 0) -> None:

@@ -5,10 +5,10 @@ shuffle, no early stopping), then predictions on the evaluation batches (day 8) 
 NE and gAUC (`loopfm.metrics.defined_metrics`, grouped by user; an undefined one is None). Deterministic for a seed: the
 seed fixes the initialisation, and the data order is the caller's.
 
-Speed (the VMs are small, so the loop around the model matters): Adam runs fused (one kernel over
-all parameters instead of a Python loop per tensor), the loss stays on the device and is read only
-every ``log_every`` steps and once at the end (no host sync per step), and batches already on the
-training device are used as they are. On CUDA, batches are pinned once and copied with
+Speed (the VMs are small, so the loop around the model matters): Adam runs fused on one flat
+tensor holding every parameter (`FlatAdam`: no per-tensor work, row gradients for embeddings),
+the loss stays on the device and is read only every ``log_every`` steps and once at the end (no
+host sync per step), and batches already on the training device are used as they are. On CUDA, batches are pinned once and copied with
 ``non_blocking`` one step ahead, and the INT4 sequence encoder runs the Triton op
 (``vm.model.kernel_backend: auto``).
 """
@@ -26,6 +26,7 @@ from loopfm.data.schema import Schema
 from loopfm.metrics import defined_metrics
 from loopfm.vm.batch import VMBatch
 from loopfm.vm.kd import KDConfig, kd_loss, kd_for_variant, uses_current_code, variant_flags
+from loopfm.vm.layers import FeatureEmbedding
 from loopfm.vm.model import VerticalModel, VMModelConfig, build_model
 
 
@@ -82,9 +83,61 @@ class VMResult:
     train_loss: float  # mean total loss over the pass
 
 
-def make_optimizer(model: torch.nn.Module, cfg: VMTrainConfig) -> torch.optim.Optimizer:
-    """Adam, fused: one kernel over all parameters (a DeepFM step spent 31% in the per-tensor loop)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+class FlatAdam:
+    """Adam (fused) over every parameter of a model as one flat tensor; a context manager.
+
+    Adam is elementwise, so updating one flat tensor is `torch.optim.Adam` on each parameter.
+    What changes is the cost around it: a VM has dozens of small tensors, and torch's per-tensor
+    bookkeeping (grouping, state lookups, one kernel per tensor, zero_grad per tensor) plus one
+    dense ``[V, D]`` gradient per embedding lookup was over a third of a DeepFM step. Inside the
+    ``with``, parameters are views into one buffer and their ``.grad`` views into another, so
+    autograd adds into the flat gradient in place, `zero_grad` is one fill, `step` one kernel on
+    one tensor, and embedding lookups emit row (sparse) gradients that add only the rows they
+    touched (`FeatureEmbedding.grad_into`: one ``index_add_``). On exit every parameter gets its own
+    storage back and the embeddings their setting.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: VMTrainConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self) -> "FlatAdam":
+        first = self.params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
+            raise ValueError("FlatAdam needs every parameter in one dtype on one device")
+        total = sum(p.numel() for p in self.params)
+        self.flat = torch.nn.Parameter(torch.empty(total, dtype=first.dtype, device=first.device))
+        self.flat.grad = torch.zeros_like(self.flat)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            view = self.flat.data[offset:offset + n].view_as(p)
+            view.copy_(p.detach())
+            p.data, p.grad = view, self.flat.grad[offset:offset + n].view_as(p)
+            offset += n
+        self.sparse = {m: m.sparse for m in self.model.modules() if isinstance(m, (torch.nn.Embedding, FeatureEmbedding))}
+        for m in self.sparse:
+            m.sparse = True  # dense += sparse rows: the flat gradient is updated in place
+            if isinstance(m, FeatureEmbedding):
+                m.grad_into = True  # fields: one index_add into the flat gradient
+        self.adam = torch.optim.Adam([self.flat], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=True)
+        return self
+
+    def zero_grad(self) -> None:
+        self.flat.grad.zero_()
+
+    def step(self) -> None:
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([self.flat], self.cfg.grad_clip)
+        self.adam.step()
+
+    def __exit__(self, *exc) -> None:
+        for p in self.params:
+            p.data, p.grad = p.data.clone(), None
+        for m, sparse in self.sparse.items():
+            m.sparse = sparse
+            if isinstance(m, FeatureEmbedding):
+                m.grad_into = False
 
 
 def on_device(batches: Iterable[VMBatch], device: torch.device) -> Iterator[VMBatch]:
@@ -111,21 +164,19 @@ def train_one_pass(model: VerticalModel, batches: Iterable[VMBatch], cfg: VMTrai
 
     The model must already be on the training device (`resolve_device`)."""
     device = next(model.parameters()).device
-    opt = make_optimizer(model, cfg)
     model.train()
     step = 0
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
-    for batch in on_device(batches, device):
-        loss, parts = kd_loss(model(batch), batch.labels, batch.soft_labels, kd)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        total += parts["loss"]
-        if logger is not None and step % cfg.log_every == 0:
-            logger.log({prefix + k: float(v) for k, v in parts.items()}, step)
+    with FlatAdam(model, cfg) as opt:
+        for batch in on_device(batches, device):
+            loss, parts = kd_loss(model(batch), batch.labels, batch.soft_labels, kd)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            total += parts["loss"]
+            if logger is not None and step % cfg.log_every == 0:
+                logger.log({prefix + k: float(v) for k, v in parts.items()}, step)
     return step, float(total) / max(step, 1)
 
 

@@ -122,7 +122,7 @@ def test_fx_symbolic_trace_jagged_with_weights():
 
 def test_backend_resolution():
     cpu = torch.device("cpu")
-    assert kernels.resolve_backend("auto", cpu) == "reference"
+    assert kernels.resolve_backend("auto", cpu) == "torch"
     assert kernels.resolve_backend("reference", torch.device("cuda")) == "reference"
     if kernels.triton_available():
         assert kernels.resolve_backend("auto", torch.device("cuda")) == "triton"
@@ -139,6 +139,6 @@ def test_reference_backend_works_without_triton(monkeypatch):
     lengths = torch.tensor([3, 1], dtype=torch.int32)
     q = torch.randn(2, 1, 8)
     assert kernels.int4_attend(codes, lengths, q).shape == (2, 1, 8)
-    assert ops.resolve_backend("auto", torch.device("cuda")) == "reference"
+    assert ops.resolve_backend("auto", torch.device("cuda")) == "torch"
     with pytest.raises(ValueError, match="triton is not installed"):
         kernels.int4_attend(codes, lengths, q, backend="triton")

@@ -156,3 +156,61 @@ def test_batches_for_another_device_are_copied_one_ahead(synthetic):
     assert [len(b) for b in moved] == sizes
     assert all(b.device.type == "meta" and b.seq_packed.device.type == "meta" for b in moved)
     assert list(on_device([], torch.device("meta"))) == []
+
+
+def test_flat_adam_is_adam_per_parameter(synthetic):
+    """The flat fused update equals torch's Adam on each parameter (dense gradients), embedding
+    padding rows stay zero, and afterwards every parameter owns its storage again."""
+    from loopfm.vm.kd import kd_loss
+    from loopfm.vm.model import build_model
+    from loopfm.vm.train import FlatAdam
+
+    schema, train, _ = synthetic
+    cfg = dataclasses.replace(MODEL, model="dmin", kernel_backend="torch")
+    train_cfg = dataclasses.replace(TRAIN, weight_decay=0.01, grad_clip=1.0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(cfg, schema, seq_dim=8, kd=KDConfig()))
+    flat_model, plain_model = models
+    adam = torch.optim.Adam(plain_model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    with FlatAdam(flat_model, train_cfg) as opt:
+        assert flat_model.embedding.sparse
+        for batch in train[:5]:
+            opt.zero_grad()
+            kd_loss(flat_model(batch), batch.labels, batch.soft_labels, KDConfig())[0].backward()
+            opt.step()
+            adam.zero_grad()
+            kd_loss(plain_model(batch), batch.labels, batch.soft_labels, KDConfig())[0].backward()
+            torch.nn.utils.clip_grad_norm_(plain_model.parameters(), train_cfg.grad_clip)
+            adam.step()
+    assert not flat_model.embedding.sparse
+    params = dict(flat_model.named_parameters())
+    for name, p in plain_model.named_parameters():
+        torch.testing.assert_close(params[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    pointers = {p.untyped_storage().data_ptr() for p in flat_model.parameters()}
+    assert len(pointers) == len(params)
+    for first, _ in flat_model.embedding.tables.values():
+        assert torch.equal(flat_model.embedding.weight[first], torch.zeros(8))
+
+
+def test_stacked_tables_look_up_each_vocabulary():
+    """One weight for all tables: a feature reads its own vocabulary's rows, id 0 reads zeros."""
+    from loopfm.vm.layers import FeatureEmbedding
+
+    torch.manual_seed(0)
+    features = [FeatureSpec("user_id", "categorical", "user", vocab_size=5),
+                FeatureSpec("price", "numeric", "item"),
+                FeatureSpec("item_id", "categorical", "item", vocab_size=7)]
+    emb = FeatureEmbedding(features, 4)
+    assert emb.tables == {"user_id": (0, 5), "item_id": (5, 7)}
+    batch = VMBatch(sparse={"user_id": torch.tensor([0, 3]), "item_id": torch.tensor([6, 0])},
+                    dense=torch.tensor([[2.0], [0.5]]), labels=torch.zeros(2), user_ids=torch.zeros(2, dtype=torch.long))
+    x = emb(batch)
+    assert x.shape == (2, 3, 4)  # fields in feature order: user, price, item
+    w = emb.weight.detach()
+    torch.testing.assert_close(x[:, 0], torch.stack([torch.zeros(4), w[3]]))
+    torch.testing.assert_close(x[:, 1], torch.tensor([[2.0], [0.5]]) * emb.numeric.detach()[0])
+    torch.testing.assert_close(x[:, 2], torch.stack([w[5 + 6], torch.zeros(4)]))
+    x.sum().backward()
+    assert torch.equal(emb.weight.grad[[0, 5]], torch.zeros(2, 4))  # padding rows get no gradient

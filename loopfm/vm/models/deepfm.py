@@ -24,5 +24,5 @@ class DeepFM(VerticalModel):
 
     def trunk(self, batch) -> Tensor:
         x, dense = self.fields(batch)
-        deep = self.dnn(torch.cat([x.flatten(1), dense], -1))
+        deep = self.dnn(torch.cat([x.flatten(1), dense], -1) if dense.shape[1] else x.flatten(1))
         return torch.cat([fm_interaction(x), self.first_order(batch).sum(1), deep], -1)
