@@ -146,8 +146,8 @@ def test_failed_compress_leaves_no_success(extract, tmp_path, monkeypatch):
         if len(calls) == 2:
             raise OSError("disk full")
         return real(*a, **k)
-    real = cf.write_packed
-    monkeypatch.setattr(cf, "write_packed", flaky)
+    real = cf.packed_table
+    monkeypatch.setattr(cf, "packed_table", flaky)
     with pytest.raises(OSError, match="disk full"):
         run_compress(CompressConfig(), extract / "extract", tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
@@ -217,3 +217,25 @@ def test_part_writer_streams_the_files_a_one_shot_write_gives(tmp_path, monkeypa
     empty = cf.PartWriter(tmp_path / "empty", 4, rows_per_part=rows_per_part)
     empty.close()
     assert not (tmp_path / "empty").exists()
+
+
+def test_compress_streamed_in_small_batches_equals_one_pass(extract, tmp_path, monkeypatch):
+    """Parts encoded a few rows at a time (batches straddling row groups): the same files, rows and
+    errors as each part in one pass."""
+    from loopfm.codes import format as fmt
+
+    cfg = CompressConfig(quantizer="int4-kmeans", dim=8)
+    whole = run_compress(cfg, extract / "extract", tmp_path / "whole", progress=False)
+    monkeypatch.setattr(cp, "BATCH_ROWS", 7)
+    monkeypatch.setattr(fmt, "ROW_GROUP_ROWS", 16)
+    small = run_compress(cfg, extract / "extract", tmp_path / "small", progress=False)
+    for key in ("rows_per_day", "codebook", "error_sample"):
+        assert small[key] == whole[key], key
+    err_w, err_s = whole["error_all_rows"]["int4-kmeans"], small["error_all_rows"]["int4-kmeans"]
+    assert err_s["max_abs"] == err_w["max_abs"] and err_s["mse"] == pytest.approx(err_w["mse"], rel=1e-12)
+    for day in range(1, 5):
+        a, b = cf.stage_files(tmp_path / "whole", day), cf.stage_files(tmp_path / "small", day)
+        assert [p.name for p in a] == [p.name for p in b] and len(a) == 3
+        for pa_, pb in zip(a, b):
+            assert pq.read_table(pb).equals(pq.read_table(pa_))
+            assert pq.ParquetFile(pb).metadata.row_group(0).num_rows == 16
