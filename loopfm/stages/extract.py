@@ -25,6 +25,9 @@ with a full copy of the FM on one process, and writes its own shard folder; no c
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +108,7 @@ def run_extract(cfg: ExtractConfig, run_dir: str | Path, out_dir: str | Path, *,
                     day_sums["code"] += z.sum(0, dtype=np.float64)
                     day_sums["cosine_to_fixed"] += (float(len(z)) if model is fixed else _cosine_sum(
                         z, _score(fixed, builder, table, cfg.kind, taps, keys)[1]))
+                    _release_free_heap()
             writer.close()
             rows_per_day[str(day)] = writer.rows
             sums[str(day)] = {"code": day_sums["code"].tolist(), "cosine_to_fixed": day_sums["cosine_to_fixed"]}
@@ -175,6 +179,24 @@ def _score(model, builder, table: pa.Table, kind: str, taps: list[str],
     meta["item_key"] = table.column(keys[1]).to_numpy()
     meta["soft_label"] = out["probs"].float().numpy()
     return meta, z.float().numpy()
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_free_heap() -> None:
+    """Hand the heap's free pages back (glibc ``malloc_trim``; a no-op elsewhere). glibc keeps each
+    batch's freed activations in a fragmented heap, so without this the peak grew with the
+    number of batches (0.9 -> 1.7 GB over the 61 batches of one 250k-row day); with it the
+    resident size after each batch stays flat (~0.55 GB there, peak ~1.1 GB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _cosine_sum(a: np.ndarray, b: np.ndarray) -> float:
