@@ -13,7 +13,9 @@ Extract output (written by the extract stage, read by compress)::
                            key_vocab_size={"user_key": V_u, "item_key": V_i}   (optional: lets
                            build-sequences skip the OOV id V-1 as well as the padding id 0)
 
-Rows of a file are in example-id order (= time order); a day may have several parts.
+Rows of a file are in example-id order (= time order); a day may have several parts. Parts are
+written whole (`write_codes`, `write_packed`) or streamed (`PartWriter`: the same files, one row
+group of ROW_GROUP_ROWS held at a time).
 
 Compress output (read by build-sequences)::
 
