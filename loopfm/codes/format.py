@@ -13,7 +13,9 @@ Extract output (written by the extract stage, read by compress)::
                            key_vocab_size={"user_key": V_u, "item_key": V_i}   (optional: lets
                            build-sequences skip the OOV id V-1 as well as the padding id 0)
 
-Rows of a file are in example-id order (= time order); a day may have several parts.
+Rows of a file are in example-id order (= time order); a day may have several parts. Parts are
+written whole (`write_codes`, `write_packed`) or streamed (`PartWriter`: the same files, one row
+group of ROW_GROUP_ROWS held at a time).
 
 Compress output (read by build-sequences)::
 
@@ -110,23 +112,93 @@ def _meta_arrays(meta: dict[str, Any]) -> list[pa.Array]:
 
 def write_codes(root: str | Path, day: int, part: int, meta: dict[str, Any], z: np.ndarray) -> Path:
     """Write one extract part: ``meta`` maps every name of META_COLUMNS to a [N] array, ``z`` [N, D]."""
-    table = pa.Table.from_arrays(_meta_arrays(meta) + [z_to_arrow(z)], schema=extract_schema(z.shape[1]))
-    return _write(table, part_path(root, day, part))
+    return _write(codes_table(meta, z), part_path(root, day, part))
 
 
 def write_packed(root: str | Path, day: int, part: int, meta: dict[str, Any] | pa.Table,
                  codes: np.ndarray) -> Path:
     """Write one compress part: metadata columns plus ``code`` from uint8 [N, code_bytes]."""
-    arrays = ([meta.column(c).combine_chunks().cast(META_TYPES[c]) for c in META_COLUMNS]
-              if isinstance(meta, pa.Table) else _meta_arrays(meta))
-    table = pa.Table.from_arrays(arrays + [bytes_to_arrow(codes)], schema=compress_schema(codes.shape[1]))
-    return _write(table, part_path(root, day, part))
+    return _write(packed_table(meta, codes), part_path(root, day, part))
+
+
+ROW_GROUP_ROWS = 256 * 1024
+_PARQUET_OPTIONS = {"use_dictionary": ["day", "label"]}
 
 
 def _write(table: pa.Table, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=256 * 1024, use_dictionary=["day", "label"])
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, **_PARQUET_OPTIONS)
     return path
+
+
+def codes_table(meta: dict[str, Any], z: np.ndarray) -> pa.Table:
+    """The extract rows ``write_codes`` writes, as a table (for `PartWriter`)."""
+    return pa.Table.from_arrays(_meta_arrays(meta) + [z_to_arrow(z)], schema=extract_schema(z.shape[1]))
+
+
+def packed_table(meta: dict[str, Any] | pa.Table, codes: np.ndarray) -> pa.Table:
+    """The compress rows ``write_packed`` writes, as a table (for `PartWriter`)."""
+    arrays = ([meta.column(c).combine_chunks().cast(META_TYPES[c]) for c in META_COLUMNS]
+              if isinstance(meta, pa.Table) else _meta_arrays(meta))
+    return pa.Table.from_arrays(arrays + [bytes_to_arrow(codes)], schema=compress_schema(codes.shape[1]))
+
+
+class PartWriter:
+    """Streams one day's rows into ``part-NNNNN.parquet`` files of ``rows_per_part`` rows each.
+
+    The files hold the rows and row groups that writing the whole day at once, cut every
+    ``rows_per_part`` rows, would give (`write_codes`/`write_packed` per cut); memory holds at most
+    one row group. ``rows_per_part=None``: a single part. A day with no rows writes no file.
+    """
+
+    def __init__(self, root: str | Path, day: int, *, first_part: int = 0,
+                 rows_per_part: int | None = None) -> None:
+        if rows_per_part is not None and rows_per_part < 1:
+            raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
+        self.root, self.day, self.part, self.rows_per_part = Path(root), int(day), int(first_part), rows_per_part
+        self.rows = 0  # written and pending, this day
+        self.bytes = 0  # of the closed part files
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._part_rows = 0  # rows in the open part file
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        while self._pending_rows and self._pending_rows >= self._next_group():
+            self._flush(self._next_group())
+
+    def close(self) -> None:
+        """Write what is pending and close the open part (call once, after the last `write`)."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        self._close_part()
+
+    def _next_group(self) -> int:
+        left = self.rows_per_part - self._part_rows if self.rows_per_part else ROW_GROUP_ROWS
+        return min(ROW_GROUP_ROWS, left)
+
+    def _flush(self, n: int) -> None:
+        merged = pa.concat_tables(self._pending)
+        group, rest = merged.slice(0, n), merged.slice(n)
+        if self._writer is None:
+            path = part_path(self.root, self.day, self.part)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(path, group.schema, **_PARQUET_OPTIONS)
+        self._writer.write_table(group.combine_chunks(), row_group_size=n)
+        self._part_rows += n
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        if self.rows_per_part and self._part_rows == self.rows_per_part:
+            self._close_part()
+
+    def _close_part(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self.bytes += part_path(self.root, self.day, self.part).stat().st_size
+            self._writer, self._part_rows = None, 0
+            self.part += 1
 
 
 EXTRACT_FACTS = ("dim", "kind", "taps", "rows_per_day", "user_key", "item_key")

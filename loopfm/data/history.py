@@ -55,16 +55,16 @@ class Timeline:
         newrun = np.ones(len(key), bool)
         newrun[1:] = key[1:] != key[:-1]
         self.keys = key[newrun]  # distinct keys, ascending
-        self.rank = np.cumsum(newrun) - 1
+        rank = np.cumsum(newrun) - 1  # not kept: the code alone is searched
         self.t0 = int(ts.min()) if len(ts) else 0
         self.span = (int(ts.max()) - self.t0 + 2) if len(ts) else 2
         if max(len(self.keys), 1) * self.span < (COMPOSITE_LIMIT if limit is None else limit):
             self.times = None
-            self.code = self.rank * self.span + (ts - self.t0)
+            self.code = rank * self.span + (ts - self.t0)
         else:  # dense time ranks: rank(t_i) < searchsorted_left(times, t)  <=>  t_i < t
             self.times = np.unique(ts)
             self.span = len(self.times) + 1
-            self.code = self.rank * self.span + np.searchsorted(self.times, ts)
+            self.code = rank * self.span + np.searchsorted(self.times, ts)
 
     def __len__(self) -> int:
         return len(self.code)

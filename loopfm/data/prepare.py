@@ -8,11 +8,15 @@ Output (written to a temp folder, renamed into place):
     OUT/config.yaml                       the resolved data config
     OUT/_SUCCESS                          rows per day, config hash, skipped rows
 
-Three passes keep memory bounded by one chunk plus a few int64 arrays over all rows:
+Three passes keep memory bounded by one chunk (plus, for input out of time order, a few int64
+arrays over all rows):
 1. read the source chunk by chunk: normalise types, count vocabularies, stage to Parquet;
-2. order all rows by (ts, input order) -> example ids and days; build vocabularies;
-3. encode each staged chunk and write it under its day; if the input was not already in
-   time order, each day is then sorted by example id (one day in memory at a time).
+2. example ids and days: input already in time order (checked in pass 1) numbers its rows in
+   input order and takes each chunk's days from its own timestamps (no array over all rows);
+   otherwise all rows are ordered by (ts, input order); build vocabularies;
+3. encode each staged chunk, ENCODE_ROWS rows at a time, and stream it to its days' part files;
+   if the input was not already in time order, each day is then sorted by example id (one day
+   in memory at a time).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from loopfm.data.source import DayRule, RawSource, SourceInfo
 from loopfm.data.vocab import Vocab, VocabCounter
 
 ROW_GROUP_ROWS = 128 * 1024
+ENCODE_ROWS = 32 * 1024  # staged rows encoded at a time (bounds the encoder's temporaries)
 EVENT_COLUMNS = ("example_id", "ts", "day", "label")
 
 
@@ -55,11 +60,8 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
     if time_range is not None and hasattr(source, "time_range"):
         source.time_range = time_range  # a source that can name the file row refuses such rows itself
     with atomic_output(out) as tmp:
-        staged, ts, counters = _stage(source, info, tmp / "_staging", progress, time_range)
-        order = np.argsort(ts, kind="stable")  # (ts, input order)
-        example_id = np.empty(len(ts), dtype=np.int64)
-        example_id[order] = np.arange(len(ts), dtype=np.int64)
-        day = _assign_days(ts, order, info.days)
+        staged, counters, in_order = _stage(source, info, tmp / "_staging", progress, time_range)
+        numbering = _Numbering(staged, info.days, in_order)
         vocabs = {name: c.build(min_count) for name, c in counters.items()}
         (tmp / "vocab").mkdir()
         for name, vocab in vocabs.items():
@@ -67,9 +69,8 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
         features = [dataclasses.replace(f, vocab_size=vocabs[f.vocab_name].size) if f.vocab_name else f
                     for f in info.features]
         schema = Schema(dataset=info.dataset, user_key=info.user_key, item_key=info.item_key,
-                        num_days=int(day.max()), features=features)
-        in_order = bool(np.all(order[1:] > order[:-1]))
-        rows_per_day, positives = _write_events(staged, example_id, day, schema, vocabs, tmp, in_order, progress)
+                        num_days=numbering.num_days, features=features)
+        rows_per_day, positives = _write_events(staged, numbering, schema, vocabs, tmp, in_order, progress)
         one_class = _warn_one_class_days(rows_per_day, positives)
         shutil.rmtree(tmp / "_staging")
         schema.save(tmp / "schema.json")
@@ -77,7 +78,7 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
             (tmp / "config.yaml").write_text(config_yaml)
         return write_manifest(
             tmp, stage="prepare", config_hash=config_hash, dataset=info.dataset,
-            rows=int(len(ts)), rows_per_day={str(k): v for k, v in rows_per_day.items()},
+            rows=numbering.rows, rows_per_day={str(k): v for k, v in rows_per_day.items()},
             skipped_rows=dict(getattr(source, "skipped", {}) or {}), min_count=min_count,
             positives_per_day={str(k): v for k, v in positives.items()}, one_class_days=one_class,
         )
@@ -124,33 +125,95 @@ def _warn_one_class_days(rows: dict[int, int], positives: dict[int, int]) -> lis
 
 def _stage(source: RawSource, info: SourceInfo, staging: Path, progress: bool,
            time_range: tuple[int, int] | None = None):
+    """Pass 1. Returns the staged chunks ``(path, first row, rows)``, the vocabulary counters and
+    whether the input is in time order (ts non-decreasing over all rows)."""
     staging.mkdir()
     counters: dict[str, VocabCounter] = {}
     staged: list[tuple[Path, int, int]] = []
-    ts_parts: list[np.ndarray] = []
-    offset = 0
+    offset, in_order, last_ts = 0, True, None
     bar = progress_bar(desc=f"prepare {info.dataset}: read", unit=" rows", unit_scale=True, enabled=progress)
     for i, chunk in enumerate(source.chunks()):
         if not counters:  # the first chunk fixes each vocabulary's key type
             counters = {name: VocabCounter(t) for name, t in _key_types(chunk, info).items()}
-        chunk = _normalise(chunk, info, offset, {n: c.key_type for n, c in counters.items()})
-        ts = chunk.column("ts").to_numpy()
-        _check_time_range(ts, time_range, source, info, offset)
-        for f in info.features:
-            if f.kind == "categorical":
-                counters[f.vocab_name].update(chunk.column(f.name))
-            elif f.kind == "sequence":
-                counters[f.vocab_name].update(pc.list_flatten(chunk.column(f.name)))
         path = staging / f"chunk-{i:05d}.parquet"
-        pq.write_table(chunk, path, compression="none")  # scratch: read once, deleted
+        writer = None
+        for start in range(0, max(chunk.num_rows, 1), ENCODE_ROWS):  # normalised a piece at a time
+            piece = _normalise(chunk.slice(start, ENCODE_ROWS), info, offset + start,
+                               {n: c.key_type for n, c in counters.items()})
+            ts = piece.column("ts").to_numpy()
+            _check_time_range(ts, time_range, source, info, offset + start)
+            if len(ts):
+                in_order = in_order and (last_ts is None or ts[0] >= last_ts) and bool(np.all(ts[1:] >= ts[:-1]))
+                last_ts = ts[-1]
+            for f in info.features:
+                if f.kind == "categorical":
+                    counters[f.vocab_name].update(piece.column(f.name))
+                elif f.kind == "sequence":
+                    counters[f.vocab_name].update(pc.list_flatten(piece.column(f.name)))
+            if writer is None:
+                writer = pq.ParquetWriter(path, piece.schema, compression="none")  # scratch: read once, deleted
+            writer.write_table(piece, row_group_size=max(piece.num_rows, 1))
+            del piece, ts
+        writer.close()
         staged.append((path, offset, chunk.num_rows))
-        ts_parts.append(ts)
         offset += chunk.num_rows
         bar.update(chunk.num_rows)
+        del chunk
     bar.close()
     if offset == 0:
         raise DataError(f"the {info.dataset} input has no data rows")
-    return staged, np.concatenate(ts_parts), counters
+    return staged, counters, in_order
+
+
+class _Numbering:
+    """Example ids and days of the staged rows (pass 2).
+
+    Input in time order: example id = input position, and a chunk's days follow from its own
+    timestamps and the first local date (a min over the chunks), so nothing is held per row.
+    Otherwise the rows are ordered by (ts, input order) over all of them (int64 arrays over all rows).
+    The two give the same ids and days on time-ordered input.
+    """
+
+    def __init__(self, staged: list[tuple[Path, int, int]], rule: DayRule, in_order: bool) -> None:
+        self.rule, self.in_order = rule, in_order
+        self.rows = sum(n for _, _, n in staged)
+        if rule.kind == "equal_count" and self.rows < rule.num_days:
+            raise DataError(f"{self.rows} rows cannot be cut into {rule.num_days} equal-count days")
+        if in_order:
+            self.example_id = self.day = None
+            if rule.kind == "equal_count":
+                self.num_days = int(rule.num_days)
+            else:
+                # The local date can step back at a DST change, so min/max over every chunk's
+                # ts column (read one at a time) rather than the first and last row.
+                lo, hi = None, None
+                for path, _, n in staged:
+                    if n:
+                        dates = _local_dates(_staged_ts(path), rule.tz)
+                        lo = int(dates.min()) if lo is None else min(lo, int(dates.min()))
+                        hi = int(dates.max()) if hi is None else max(hi, int(dates.max()))
+                self.first_date, self.num_days = lo, hi - lo + 1
+            return
+        ts = np.concatenate([_staged_ts(path) for path, _, _ in staged])
+        order = np.argsort(ts, kind="stable")  # (ts, input order)
+        self.example_id = np.empty(len(ts), dtype=np.int64)
+        self.example_id[order] = np.arange(len(ts), dtype=np.int64)
+        self.day = _assign_days(ts, order, rule)
+        self.num_days = int(self.day.max())
+
+    def __call__(self, offset: int, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Example ids and days of the staged rows ``offset .. offset + len(ts)``."""
+        n = len(ts)
+        if not self.in_order:
+            return self.example_id[offset:offset + n], self.day[offset:offset + n]
+        ids = np.arange(offset, offset + n, dtype=np.int64)
+        if self.rule.kind == "equal_count":
+            return ids, (ids * self.rule.num_days // self.rows + 1).astype(np.int32)
+        return ids, (_local_dates(ts, self.rule.tz) - self.first_date + 1).astype(np.int32)
+
+
+def _staged_ts(path: Path) -> np.ndarray:
+    return pq.read_table(path, columns=["ts"]).column("ts").to_numpy()
 
 
 def _key_types(chunk: pa.Table, info: SourceInfo) -> dict[str, pa.DataType]:
@@ -216,13 +279,18 @@ def _assign_days(ts: np.ndarray, order: np.ndarray, rule: DayRule) -> np.ndarray
         day = np.empty(n, dtype=np.int32)
         day[order] = (np.arange(n, dtype=np.int64) * rule.num_days // n + 1).astype(np.int32)
         return day
-    tz = ZoneInfo(rule.tz)
+    local_date = _local_dates(ts, rule.tz)
+    return (local_date - local_date.min() + 1).astype(np.int32)
+
+
+def _local_dates(ts: np.ndarray, tz_name: str) -> np.ndarray:
+    """Days since 1970-01-01 of each timestamp's local calendar date in ``tz_name``."""
+    tz = ZoneInfo(tz_name)
     # Offsets can change only on hour boundaries (DST): look each distinct hour up once.
     hours, inverse = np.unique(ts // 3600, return_inverse=True)
     offsets = np.array([datetime.fromtimestamp(int(h) * 3600, tz=timezone.utc).astimezone(tz)
                         .utcoffset().total_seconds() for h in hours], dtype=np.int64)
-    local_date = (ts + offsets[inverse]) // 86400
-    return (local_date - local_date.min() + 1).astype(np.int32)
+    return (ts + offsets[inverse]) // 86400
 
 
 def _encode_sequence(col: pa.ListArray, vocab: Vocab, max_len: int) -> pa.ListArray:
@@ -254,26 +322,32 @@ def _encode_chunk(table: pa.Table, ids: np.ndarray, day: np.ndarray, schema: Sch
     return pa.table(cols)
 
 
-def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: bool,
-                  progress: bool) -> dict[int, int]:
+def _write_events(staged, numbering: _Numbering, schema, vocabs, tmp: Path, in_order: bool,
+                  progress: bool) -> tuple[dict[int, int], dict[int, int]]:
     events = tmp / "events"
     target = events if in_order else tmp / "_unsorted"
     rows_per_day: dict[int, int] = {}
     positives: dict[int, int] = {}
     part_no: dict[int, int] = {}
-    for path, off, n in progress_bar(staged, desc="prepare: encode", unit=" chunk", enabled=progress):
-        table = _encode_chunk(pq.read_table(path), example_id[off:off + n], day[off:off + n],
-                              schema, vocabs)
-        chunk_days = day[off:off + n]
-        for d in np.unique(chunk_days):
-            sub = table.filter(pa.array(chunk_days == d))
-            folder = target / f"day={int(d)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            k = part_no.get(int(d), 0)
-            pq.write_table(sub, folder / f"part-{k:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
-            part_no[int(d)] = k + 1
-            rows_per_day[int(d)] = rows_per_day.get(int(d), 0) + sub.num_rows
-            positives[int(d)] = positives.get(int(d), 0) + int(pc.sum(sub.column("label")).as_py() or 0)
+    for path, off, _ in progress_bar(staged, desc="prepare: encode", unit=" chunk", enabled=progress):
+        writers: dict[int, _DayPartWriter] = {}  # this chunk's part file per day it touches
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ENCODE_ROWS):
+            table = pa.Table.from_batches([batch])
+            ids, chunk_days = numbering(off, table.column("ts").to_numpy())
+            off += table.num_rows
+            table = _encode_chunk(table, ids, chunk_days, schema, vocabs)
+            for d in np.unique(chunk_days):
+                d = int(d)
+                sub = table.filter(pa.array(chunk_days == d))
+                if d not in writers:
+                    writers[d] = _DayPartWriter(target / f"day={d}" / f"part-{part_no.get(d, 0):05d}.parquet")
+                    part_no[d] = part_no.get(d, 0) + 1
+                writers[d].write(sub)
+                rows_per_day[d] = rows_per_day.get(d, 0) + sub.num_rows
+                positives[d] = positives.get(d, 0) + int(pc.sum(sub.column("label")).as_py() or 0)
+            del table, batch
+        for w in writers.values():
+            w.close()
     if not in_order:
         for d in progress_bar(sorted(rows_per_day), desc="prepare: sort days", enabled=progress):
             folder = target / f"day={d}"
@@ -283,3 +357,34 @@ def _write_events(staged, example_id, day, schema, vocabs, tmp: Path, in_order: 
                            row_group_size=ROW_GROUP_ROWS)
         shutil.rmtree(target)
     return dict(sorted(rows_per_day.items())), positives
+
+
+class _DayPartWriter:
+    """One event-log part file written piece by piece, in row groups of ROW_GROUP_ROWS rows: the
+    same file as ``pq.write_table(all pieces, row_group_size=ROW_GROUP_ROWS)``, one group held."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._rows += table.num_rows
+        while self._rows >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def close(self) -> None:
+        if self._rows or self._writer is None:
+            self._flush(self._rows)
+        self._writer.close()
+
+    def _flush(self, n: int) -> None:
+        merged = pa.concat_tables(self._pending)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, merged.schema)
+        self._writer.write_table(merged.slice(0, n).combine_chunks(), row_group_size=max(n, 1))
+        rest = merged.slice(n)
+        self._pending, self._rows = ([rest] if rest.num_rows else []), rest.num_rows

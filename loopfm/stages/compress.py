@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from loopfm.progress import progress_bar
 
@@ -38,6 +39,8 @@ from loopfm.artifacts import inside, read_manifest, write_manifest
 from loopfm.codes.quant import (INT8_RULE, QUANTIZERS, QuantSpec, Quantizer, decode, encode,  # noqa: F401
                                 fit_codebook, fit_kmeans_levels, kmeans_assign, quant_error)
 from loopfm.stages import codes_format as cf
+
+BATCH_ROWS = 1 << 18  # rows encoded at a time (an extract part holds up to 2^20)
 
 
 @dataclass(kw_only=True)
@@ -175,20 +178,25 @@ def _resolve(cfg: CompressConfig, src: dict, test_day: int | None = None) -> tup
 
 
 def _compress_files(files, days, spec: QuantSpec, proj, tmp: Path, progress: bool, rank: int) -> dict:
-    """Encode and write this rank's files (one output part per input part); rows, bytes, errors."""
+    """Encode and write this rank's files (one output part per input part, streamed a row group
+    at a time, so memory does not grow with the part size); rows, bytes, errors."""
     rows_per_day = {str(d): 0 for d in days}
     sq, mx, n_vals, nbytes = 0.0, 0.0, 0, 0
     for day, part, path in progress_bar(files, desc=f"compress[{rank}]", enabled=progress, unit="file"):
-        table = pq.read_table(path)
-        z = cf.z_from_arrow(table.column(cf.Z_COLUMN))
-        zr = proj(z) if proj is not None else z[:, :spec.dim].astype(np.float32)
-        codes = encode(zr, spec)
-        err = decode(codes, spec) - zr
-        sq += float(np.sum(err.astype(np.float64) ** 2))
-        mx = max(mx, float(np.max(np.abs(err)))) if err.size else mx
-        n_vals += err.size
-        nbytes += cf.write_packed(tmp, day, part, table, codes).stat().st_size
-        rows_per_day[str(day)] += table.num_rows
+        writer = cf.PartWriter(tmp, day, first_part=part)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            table = pa.Table.from_batches([batch])
+            z = cf.z_from_arrow(table.column(cf.Z_COLUMN))
+            zr = proj(z) if proj is not None else z[:, :spec.dim].astype(np.float32)
+            codes = encode(zr, spec)
+            err = decode(codes, spec) - zr
+            sq += float(np.sum(err.astype(np.float64) ** 2))
+            mx = max(mx, float(np.max(np.abs(err)))) if err.size else mx
+            n_vals += err.size
+            writer.write(cf.packed_table(table, codes))
+        writer.close()
+        nbytes += writer.bytes
+        rows_per_day[str(day)] += writer.rows
     rows = sum(rows_per_day.values())
     return dict(rows=rows, rows_per_day=rows_per_day, parquet_bytes=nbytes,
                 parquet_bytes_per_event=nbytes / max(rows, 1),

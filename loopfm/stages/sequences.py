@@ -156,6 +156,7 @@ def run_build_sequences(cfg: SequencesConfig, compress_dir: str | Path, out_dir:
     table = cf.read_codes(compress_dir, days, columns + [cf.CODE_COLUMN])
     cols = {c: table.column(c).to_numpy() for c in columns}
     codes = table.column(cf.CODE_COLUMN)  # stays in Arrow: its take() gathers fixed-width rows ~3x faster
+    del table  # the numpy columns are copies (several parts): keep one copy only
     days_read = sorted(set(days) | set(old_m["days_read"] if old else []))
     example_days = days_read[-cfg.keep_days:] if cfg.keep_days else days_read
     facts = dict(keys=list(cfg.keys), max_len=cfg.max_len, window_s=cfg.window_s, entry_labels=cfg.entry_labels,

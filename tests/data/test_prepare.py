@@ -196,3 +196,32 @@ def test_killed_prepare_leaves_no_success_and_is_cleaned_up(tmp_path):
         prepare(ToySource(), tmp_path / "o", config_hash="h", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "o"]
     assert (tmp_path / "o" / "_SUCCESS").is_file()
+
+
+@pytest.mark.parametrize("days", [DayRule("equal_count", 4), DayRule("calendar", tz="America/New_York")])
+def test_streamed_in_order_prepare_equals_the_global_sort(tmp_path, monkeypatch, days):
+    """Time-ordered input numbered chunk by chunk, encoded a few rows at a time: the same rows,
+    ids and days as ordering all rows at once; and the same part files and row groups as one
+    encoding pass per chunk."""
+    import pyarrow.parquet as pq
+    from loopfm.data import prepare as prep
+
+    start = int(datetime(2024, 3, 9, 20, 0, tzinfo=ZoneInfo("America/New_York")).timestamp())
+    src = dict(n=1000, ts=start + np.arange(1000) * 300, days=days, chunk=300)
+    prepare(ToySource(**src), tmp_path / "one", config_hash="h", progress=False)
+    monkeypatch.setattr(prep, "ENCODE_ROWS", 7)
+    monkeypatch.setattr(prep, "ROW_GROUP_ROWS", 16)
+    prepare(ToySource(**src), tmp_path / "small", config_hash="h", progress=False)
+    real_stage = prep._stage
+    monkeypatch.setattr(prep, "_stage", lambda *a, **k: real_stage(*a, **k)[:2] + (False,))  # global sort
+    prepare(ToySource(**src), tmp_path / "sorted", config_hash="h", progress=False)
+    one, small, srt = (EventLog(tmp_path / n) for n in ("one", "small", "sorted"))
+    assert one.manifest["rows_per_day"] == small.manifest["rows_per_day"] == srt.manifest["rows_per_day"]
+    assert one.schema.num_days == small.schema.num_days == srt.schema.num_days == len(one.days) > 1
+    assert one.read().equals(small.read()) and one.read().equals(srt.read())
+    assert [p.name for p in one.files()] == [p.name for p in small.files()]
+    assert len(one.files()) > len(one.days)  # chunks straddle days: several parts per day
+    for a, b in zip(one.files(), small.files()):
+        assert pq.read_table(a).equals(pq.read_table(b))
+        groups = [pq.ParquetFile(b).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(b).metadata.num_row_groups)]
+        assert all(g == 16 for g in groups[:-1]) and 0 < groups[-1] <= 16

@@ -146,8 +146,8 @@ def test_failed_compress_leaves_no_success(extract, tmp_path, monkeypatch):
         if len(calls) == 2:
             raise OSError("disk full")
         return real(*a, **k)
-    real = cf.write_packed
-    monkeypatch.setattr(cf, "write_packed", flaky)
+    real = cf.packed_table
+    monkeypatch.setattr(cf, "packed_table", flaky)
     with pytest.raises(OSError, match="disk full"):
         run_compress(CompressConfig(), extract / "extract", tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
@@ -186,3 +186,56 @@ def test_codes_format_round_trips_and_hash(tmp_path):
     p = cf.write_codes(tmp_path, 3, 0, meta, z)
     assert p == tmp_path / "codes" / "day=3" / "part-00000.parquet"
     assert pq.read_schema(p).equals(cf.extract_schema(6))
+
+
+def test_part_writer_streams_the_files_a_one_shot_write_gives(tmp_path, monkeypatch):
+    """Pieces of any size in, the same part files (rows, row groups) as writing each cut at once."""
+    from loopfm.codes import format as fmt
+
+    monkeypatch.setattr(fmt, "ROW_GROUP_ROWS", 16)
+    rng = np.random.default_rng(0)
+    n, rows_per_part = 230, 100
+    meta = {c: np.arange(n) for c in cf.META_COLUMNS}
+    meta["label"] = np.arange(n) % 2
+    z = rng.uniform(-1, 1, (n, 6)).astype(np.float32)
+    writer = cf.PartWriter(tmp_path / "stream", 4, rows_per_part=rows_per_part)
+    cuts = np.unique(np.r_[0, rng.integers(0, n, 12), n])
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        writer.write(cf.codes_table({k: v[s:e] for k, v in meta.items()}, z[s:e]))
+    writer.close()
+    assert writer.rows == n and writer.part == 3
+    for part, s in enumerate(range(0, n, rows_per_part)):
+        one = cf.write_codes(tmp_path / "one", 4, part, {k: v[s:s + rows_per_part] for k, v in meta.items()},
+                             z[s:s + rows_per_part])
+        streamed = tmp_path / "stream" / one.relative_to(tmp_path / "one")
+        assert pq.read_table(streamed).equals(pq.read_table(one))
+        groups = [pq.ParquetFile(p).metadata.row_group(i).num_rows
+                  for p in (streamed, one) for i in range(pq.ParquetFile(p).metadata.num_row_groups)]
+        assert groups[:len(groups) // 2] == groups[len(groups) // 2:] and max(groups) == 16
+    assert sorted(p.name for p in (tmp_path / "stream" / "codes" / "day=4").iterdir()) == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    empty = cf.PartWriter(tmp_path / "empty", 4, rows_per_part=rows_per_part)
+    empty.close()
+    assert not (tmp_path / "empty").exists()
+
+
+def test_compress_streamed_in_small_batches_equals_one_pass(extract, tmp_path, monkeypatch):
+    """Parts encoded a few rows at a time (batches straddling row groups): the same files, rows and
+    errors as each part in one pass."""
+    from loopfm.codes import format as fmt
+
+    cfg = CompressConfig(quantizer="int4-kmeans", dim=8)
+    whole = run_compress(cfg, extract / "extract", tmp_path / "whole", progress=False)
+    monkeypatch.setattr(cp, "BATCH_ROWS", 7)
+    monkeypatch.setattr(fmt, "ROW_GROUP_ROWS", 16)
+    small = run_compress(cfg, extract / "extract", tmp_path / "small", progress=False)
+    for key in ("rows_per_day", "codebook", "error_sample"):
+        assert small[key] == whole[key], key
+    err_w, err_s = whole["error_all_rows"]["int4-kmeans"], small["error_all_rows"]["int4-kmeans"]
+    assert err_s["max_abs"] == err_w["max_abs"] and err_s["mse"] == pytest.approx(err_w["mse"], rel=1e-12)
+    for day in range(1, 5):
+        a, b = cf.stage_files(tmp_path / "whole", day), cf.stage_files(tmp_path / "small", day)
+        assert [p.name for p in a] == [p.name for p in b] and len(a) == 3
+        for pa_, pb in zip(a, b):
+            assert pq.read_table(pb).equals(pq.read_table(pa_))
+            assert pq.ParquetFile(pb).metadata.row_group(0).num_rows == 16

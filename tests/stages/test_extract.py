@@ -75,6 +75,30 @@ def test_shards_union_to_single(trained_run, tmp_path):
     np.testing.assert_allclose(cf.z_from_arrow(a.column("z")), cf.z_from_arrow(b.column("z")), atol=2e-3)
 
 
+def test_streamed_parts_equal_the_one_shot_output(trained_run, tmp_path, monkeypatch):
+    """Tiny parts and row groups (several per day, batches straddling them): the same rows and
+    values, and the same drift statistics, as one part per day."""
+    import pyarrow.parquet as pq
+    from loopfm.codes import format as fmt
+    from loopfm.stages import extract as extract_stage
+
+    cfg = ExtractConfig(days=[5, 6], batch_size=37)
+    whole = run_extract(cfg, trained_run, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(extract_stage, "ROWS_PER_PART", 50)
+    monkeypatch.setattr(fmt, "ROW_GROUP_ROWS", 16)
+    parts = run_extract(cfg, trained_run, tmp_path / "parts", progress=False)
+    for key in ("rows_per_day", "drift_sums", "drift"):
+        assert parts[key] == whole[key], key
+    for day in (5, 6):
+        files = cf.stage_files(tmp_path / "parts", day)
+        rows = whole["rows_per_day"][str(day)]
+        assert [pq.ParquetFile(p).metadata.num_rows for p in files] == [
+            min(50, rows - s) for s in range(0, rows, 50)]
+        assert pq.ParquetFile(files[0]).metadata.num_row_groups == 4  # 16 + 16 + 16 + 2
+        assert len(cf.stage_files(tmp_path / "whole", day)) == 1
+    assert cf.read_codes(tmp_path / "parts").equals(cf.read_codes(tmp_path / "whole"))
+
+
 def test_extract_compress_sequences_chain(trained_run, tmp_path):
     run_extract(ExtractConfig(days=[5, 6]), trained_run, tmp_path / "extract", progress=False)
     run_compress(CompressConfig(quantizer="int4", dim=8), tmp_path / "extract", tmp_path / "compress",

@@ -113,6 +113,10 @@ on all features trained on days 1-4 reaches ~0.68; a model on the VM-visible fea
 days 5-7 reaches ~0.61, and ~0.66 when it also gets the mean of the FM's user-side vectors of the
 user's strictly earlier day-5..8 impressions (a crude LoopFM sequence). Generation runs at
 roughly 150-200k rows/s on one core (1M rows in ~5-7 s); the per-user tables are built once.
+Memory: the world (per-user and per-ad tables, each impression's user and time, each behaviour's
+search code, category, brand and type: ~44 bytes a row in all with the default config, ~1.8
+behaviours a row) is held while the rows are generated and freed after the last chunk; building
+it peaks at ~150 bytes a row over the interpreter's own memory (measured at 2M rows).
 
 Raw values: ids are integers starting at 1; missing ``pvalue_level``, ``new_user_class_level``
 and ``brand`` are nulls; ``price`` and the counts are floats; sequences are integer lists,
@@ -136,6 +140,10 @@ from loopfm.data.source import DayRule, SourceInfo
 BLOCK_ROWS = 65_536  # rows per generation block (one RNG stream each); independent of chunk_rows
 CALIBRATION_PAIRS = 200_000
 USER_BLOCK = 8_192  # users per block when sampling behaviour categories (bounds U x C memory)
+# Arrays over all behaviours are worked on SLICE_ROWS at a time where that bounds temporaries;
+# only Generator.random() is drawn in slices there: it takes one 64-bit word per value, so the
+# slices draw exactly the values of one call (bounded integers would not: they buffer 32-bit halves).
+SLICE_ROWS = 1 << 20
 TIME_BITS = 23  # days (+ pre-period) must fit 2^23 s (97 days): the generator's documented range
 
 PID_VALUES = ("430548_1007", "430539_1007")
@@ -308,9 +316,13 @@ def _draw_grouped(flat_cdf: np.ndarray, group: np.ndarray, rng: np.random.Genera
     in (g, g + 1], its last is exactly g + 1), so one ``searchsorted`` serves all groups. Returns
     the index into ``flat_cdf``, clipped into the group.
     """
-    u = rng.random(len(group)) * (1.0 - 1e-9)
-    idx = np.searchsorted(flat_cdf, group + u, side="right")
-    return np.clip(idx, group_start[group], group_start[group + 1] - 1)
+    out = np.empty(len(group), dtype=np.int64)
+    for s in range(0, len(group), SLICE_ROWS):  # same draws as one call (see SLICE_ROWS)
+        g = group[s:s + SLICE_ROWS]
+        u = rng.random(len(g)) * (1.0 - 1e-9)
+        idx = np.searchsorted(flat_cdf, g + u, side="right")
+        out[s:s + SLICE_ROWS] = np.clip(idx, group_start[g], group_start[g + 1] - 1)
+    return out
 
 
 def _cdf(p: np.ndarray) -> np.ndarray:
@@ -451,9 +463,10 @@ class _World:
         self.ts_by_user = ts  # grouped by user (user-major), for behaviour times
         order = np.argsort(ts, kind="stable")
         self.ev_user = ev_user[order].astype(np.int32)  # int32: 4 bytes a row less (U < 2^31)
-        self.ev_ts = ts[order]
+        # int32 seconds since the start (4 bytes a row less; the period is < 2^23 s, TIME_BITS)
+        self.ev_ts = (ts[order] - cfg.start_ts).astype(np.int32)
         del order, ev_user, ev_sess, gaps, cs, before
-        days = np.unique((self.ev_ts - cfg.start_ts) // 86_400)
+        days = np.unique(self.ev_ts // 86_400)
         if len(days) != cfg.days:  # cannot happen with rows >= 1000; guard the promise anyway
             raise RuntimeError(f"synthetic: generated {len(days)} days instead of {cfg.days}; "
                                "increase synthetic.rows")
@@ -505,20 +518,31 @@ class _World:
         b_brand = np.where(on_fav, fav_brand, b_brand)
         del fav_brand
         b_cat = np.where(on_fav, self.brand_cat[b_brand], b_cat)
-        fav_aff = np.einsum("nk,nk->n", self.hist_interest[b_user[on_fav]] / sh, self.phi[b_cat[on_fav]])
-        b_aff[on_fav] = fav_aff
-        non_pv = rng.random(n_b) < _sigmoid(-2.5 + 0.8 * b_aff + 1.0 * on_fav)
+        non_pv = np.empty(n_b, dtype=bool)
+        for s in range(0, n_b, SLICE_ROWS):
+            sl = slice(s, s + SLICE_ROWS)
+            fav_rows = np.flatnonzero(on_fav[sl]) + s
+            b_aff[fav_rows] = np.einsum("nk,nk->n", self.hist_interest[b_user[fav_rows]] / sh,
+                                        self.phi[b_cat[fav_rows]])
+            non_pv[sl] = rng.random(len(b_aff[sl])) < _sigmoid(-2.5 + 0.8 * b_aff[sl] + 1.0 * on_fav[sl])
         del b_aff, on_fav
-        kind = 2 + _draw(_cdf(np.array(NON_PV_SPLIT)), rng, n_b)
-        b_btag = np.where(non_pv, kind, 1).astype(np.int8)
-        del non_pv, kind
+        kind_cdf = _cdf(np.array(NON_PV_SPLIT))
+        b_btag = np.empty(n_b, dtype=np.int8)
+        for s in range(0, n_b, SLICE_ROWS):
+            sl = slice(s, s + SLICE_ROWS)
+            b_btag[sl] = np.where(non_pv[sl], 2 + _draw(kind_cdf, rng, len(b_btag[sl])), 1)
+        del non_pv
 
         order = timeline_order(b_user, b_ts)
-        self.b_timeline = Timeline(b_user[order], b_ts[order])
-        self.b_cat = (b_cat[order] + 1).astype(np.int32)
+        # Held for every behaviour: the narrowest integer type of each (widened per block).
+        self.b_cat = (b_cat[order] + 1).astype(np.min_scalar_type(C))
         del b_cat
-        self.b_brand = (b_brand[order] + 1).astype(np.int32)
-        self.b_btag = b_btag[order].astype(np.int32)
+        self.b_brand = (b_brand[order] + 1).astype(np.min_scalar_type(cfg.brands))
+        del b_brand
+        self.b_btag = b_btag[order]  # int8
+        b_user, b_ts = b_user[order], b_ts[order]
+        del order, b_btag
+        self.b_timeline = Timeline(b_user, b_ts)
 
     # -- bias β0 so that the expected CTR is cfg.ctr --------------------------------------------
     def _calibrate(self, cfg: SyntheticConfig, rng: np.random.Generator) -> None:
@@ -551,7 +575,7 @@ class _World:
         rng = np.random.default_rng(np.random.SeedSequence(self.root + [4, b]))
         s, e = b * BLOCK_ROWS, min(cfg.rows, (b + 1) * BLOCK_ROWS)
         n = e - s
-        users, ts = self.ev_user[s:e].astype(np.int64), self.ev_ts[s:e]
+        users, ts = self.ev_user[s:e].astype(np.int64), self.ev_ts[s:e] + np.int64(cfg.start_ts)
         ads = _draw(self.ad_cdf, rng, n)
         pid = (rng.random(n) >= PID_PROBS[0]).astype(np.int64)
         p = _sigmoid(self.bias + self.logit_without_bias(users, ads, pid))
@@ -589,8 +613,8 @@ class _World:
             "brand": _nullable(self.ad_brand[ads] + 1, self.ad_brand_missing[ads]),
             "price": pa.array(self.ad_price[ads]),
             "pid": pid_arr,
-            "hist_cate_id": seq(self.b_cat[idx]),
-            "hist_brand": seq(self.b_brand[idx]),
+            "hist_cate_id": seq(self.b_cat[idx].astype(np.int32)),
+            "hist_brand": seq(self.b_brand[idx].astype(np.int32)),
             "hist_btag": seq(self.b_btag[idx].astype(np.int32)),
             "xd_content_cate": pa.ListArray.from_arrays(pa.array(xd_off.astype(np.int32)), pa.array(xd_values)),
             "xd_views_7d": pa.array(self.views[users]),
@@ -621,6 +645,7 @@ class SyntheticSource:
 
     def chunks(self) -> Iterator[pa.Table]:
         world = self.world()
+        self._world = None  # held by this generator only: freed once the rows are out
         pending: list[pa.Table] = []
         buffered = 0
         for b in range(-(-self.cfg.rows // BLOCK_ROWS)):
