@@ -7,8 +7,10 @@ Runs ``loopfm <stage> CONFIG --out DIR data.synthetic.rows=N [key=value ...]`` f
 pipeline order, each in its own subprocess, so the peak resident memory is the stage's own
 (VmHWM of the stage process, plus the peak of any process it starts). rows/s is N / the stage's
 seconds (every stage is reported against the whole data set's size, whatever share of the days
-it reads). A stage whose output is already complete in DIR is skipped by the pipeline (its
-seconds are then the check's); pass a fresh DIR to measure everything.
+it reads). CPU seconds (user + system over all threads) say what a stage costs when the machine is
+shared, where wall seconds also count the waiting. A stage whose output is already complete in DIR
+is skipped by the pipeline (its seconds are then the check's); pass a fresh DIR to measure
+everything.
 Not a test: numbers depend on the machine (and on what else runs on it).
 """
 from __future__ import annotations
@@ -38,12 +40,18 @@ def _peak_mb() -> float:
     return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) of this process and the processes it waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _child(argv: list[str], result: str) -> None:
     """Run one CLI stage in this process, then record its exit code and peak RSS."""
     from loopfm.cli import main
 
     code = main(argv)
-    Path(result).write_text(json.dumps({"rc": code, "peak_mb": _peak_mb()}))
+    Path(result).write_text(json.dumps({"rc": code, "peak_mb": _peak_mb(), "cpu_s": _cpu_s()}))
     sys.exit(code)
 
 
@@ -58,9 +66,10 @@ def run_stage(stage: str, config: str, out: Path, rows: int, overrides: list[str
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"scale_bench: stage {stage} failed (exit {proc.returncode})")
-    peak = json.loads(result.read_text())["peak_mb"]
+    facts = json.loads(result.read_text())
     result.unlink()
-    return {"stage": stage, "seconds": seconds, "rows_per_s": rows / seconds, "peak_mb": peak}
+    return {"stage": stage, "seconds": seconds, "cpu_s": facts["cpu_s"], "rows_per_s": rows / seconds,
+            "peak_mb": facts["peak_mb"]}
 
 
 def main() -> None:
@@ -90,13 +99,15 @@ def main() -> None:
         r = run_stage(stage, args.config, out, args.rows, args.overrides)
         results.append(r)
         print(f"[scale_bench] {stage}: {r['seconds']:.1f} s, {r['rows_per_s']:,.0f} rows/s, "
-              f"peak {r['peak_mb']:,.0f} MB", flush=True)
+              f"{r['cpu_s']:.1f} CPU s, peak {r['peak_mb']:,.0f} MB", flush=True)
     total = sum(r["seconds"] for r in results)
     print(f"\n{args.rows:,} rows, {args.config} {' '.join(args.overrides)}".rstrip())
-    print("\n| stage | seconds | rows/s | peak RSS |\n|---|---:|---:|---:|")
+    cpu = sum(r["cpu_s"] for r in results)
+    print("\n| stage | seconds | CPU seconds | rows/s | peak RSS |\n|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['stage']} | {r['seconds']:,.1f} | {r['rows_per_s']:,.0f} | {r['peak_mb']:,.0f} MB |")
-    print(f"| **total** | {total:,.1f} | {args.rows / total:,.0f} | {max(r['peak_mb'] for r in results):,.0f} MB |")
+        print(f"| {r['stage']} | {r['seconds']:,.1f} | {r['cpu_s']:,.1f} | {r['rows_per_s']:,.0f} | {r['peak_mb']:,.0f} MB |")
+    print(f"| **total** | {total:,.1f} | {cpu:,.1f} | {args.rows / total:,.0f} | "
+          f"{max(r['peak_mb'] for r in results):,.0f} MB |")
 
 
 if __name__ == "__main__":
