@@ -154,8 +154,28 @@ def run_build_sequences(cfg: LoopFMConfig, run_dir: Path, *, rank: int = 0, worl
                           compress_dir=run_dir / "compress", append_dir=out if append else None)
 
 
+def vm_tensorboard_folder(run_dir: Path, rank: int, world_size: int) -> Path:
+    """Where this rank's train-vm TensorBoard events go: ``RUN/tb/vm`` for one process; under W
+    ranks ``RUN/tb/vm/rank-R``, so no two ranks swap one folder (each run is trained by one rank,
+    so their tags never collide). Rank 0 first drops what an earlier run with another process
+    count left there (events directly in ``tb/vm``, ``rank-R`` folders with R >= W), so no tag
+    holds two values."""
+    import shutil
+
+    root = run_dir / "tb" / "vm"
+    if world_size == 1:
+        return root
+    if rank == 0 and root.is_dir():
+        for entry in root.iterdir():
+            if entry.is_file():
+                entry.unlink()
+            elif entry.name.startswith("rank-") and entry.name[5:].isdigit() and int(entry.name[5:]) >= world_size:
+                shutil.rmtree(entry, ignore_errors=True)
+    return root / f"rank-{rank}"
+
+
 def run_train_vm(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progress: bool = True) -> tuple[dict, bool]:
-    from loopfm.stages.train_vm import run_train_vm as train_vm
+    from loopfm.stages.train_vm import process_rank, run_train_vm as train_vm
     from loopfm.artifacts import replaced_folder
     from loopfm.tracking import TensorBoardLogger
 
@@ -164,7 +184,8 @@ def run_train_vm(cfg: LoopFMConfig, run_dir: Path, *, force: bool = False, progr
     if not force and is_complete(out, key):
         return read_manifest(out), False
     check_inputs(run_dir, "train-vm")
-    with replaced_folder(run_dir / "tb" / "vm") as tb:  # a rerun replaces the last run's events
+    tb_folder = vm_tensorboard_folder(run_dir, *process_rank())
+    with replaced_folder(tb_folder) as tb:  # a rerun replaces the last run's events
         logger = TensorBoardLogger(tb)
         try:
             return train_vm(cfg.vm, run_dir, out, config_hash=key, logger=logger, progress=progress), True

@@ -59,3 +59,18 @@ def test_rank_outside_world_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="outside world size"):
         run_train_vm(_config(), tmp_path, tmp_path / "vm", config_hash="h", rank=2, world_size=2)
+
+
+def test_each_rank_has_its_own_tensorboard_folder_and_stale_events_go(tmp_path):
+    from loopfm.pipeline import vm_tensorboard_folder
+
+    root = tmp_path / "tb" / "vm"
+    assert vm_tensorboard_folder(tmp_path, 0, 1) == root  # one process: the folder itself
+    (root / "rank-2").mkdir(parents=True)  # left by an earlier run on 3 processes
+    (root / "rank-1").mkdir()
+    (root / "events.out.tfevents.1").write_bytes(b"x")  # left by an earlier run on 1 process
+    (root / ".rank-1.tmp-5-ab").mkdir()  # rank 1 of this run, already writing
+    assert vm_tensorboard_folder(tmp_path, 1, 2) == root / "rank-1"
+    assert (root / "events.out.tfevents.1").exists()  # only rank 0 cleans up
+    assert vm_tensorboard_folder(tmp_path, 0, 2) == root / "rank-0"
+    assert sorted(p.name for p in root.iterdir()) == [".rank-1.tmp-5-ab", "rank-1"]
