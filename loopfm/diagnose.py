@@ -88,9 +88,9 @@ def diagnose(cfg: LoopFMConfig, run_dir: Path, *, progress: bool = False) -> dic
     fm = _fm_metrics(log, run_dir, valid_day)
     model, vm = _vm_baseline(cfg, run_dir, log, train_days, valid_day, progress)
     delta_ne, delta_auc = vm["ne"] - fm["ne"], fm["auc"] - vm["auc"]
-    coverage = sequence_coverage(cfg, log, read_manifest(run_dir / "extract"), test_day)
-    seen = users_seen(log, cfg.vm.train_days, test_day)
     extract = read_manifest(run_dir / "extract")
+    coverage = sequence_coverage(cfg, log, extract, test_day)
+    seen = users_seen(log, cfg.vm.train_days, test_day)
     fm_only = fm_only_features(cfg, run_dir)
     result = {
         "valid_day": valid_day, "test_day": test_day, "vm_train_days": train_days, "baseline_model": model,
@@ -147,8 +147,8 @@ def _vm_baseline(cfg: LoopFMConfig, run_dir: Path, log, train_days: list[int], v
 
 def sequence_coverage(cfg: LoopFMConfig, log, extract_manifest: dict, day: int) -> dict:
     """Share of ``day``'s rows with a non-empty LoopFM sequence, and the mean length (all rows)."""
-    from loopfm.data.history import Timeline, timeline_order
-    from loopfm.data.history import entry_mask
+    from loopfm.data.history import entry_mask, timeline_order
+    from loopfm.stages.sequences import query_offsets
 
     s = log.schema
     key_col = s.user_key if cfg.vm.sequence_key == "user" else s.item_key
@@ -163,9 +163,8 @@ def sequence_coverage(cfg: LoopFMConfig, log, extract_manifest: dict, day: int) 
     ekey, ets = ekey[keep], ets[keep]
     order = timeline_order(ekey, ets)
     q = log.read(days=[day], columns=[key_col, "ts"])
-    start, end = Timeline(ekey[order], ets[order]).bounds(
-        q.column(key_col).to_numpy(), q.column("ts").to_numpy(), max_len=cfg.sequences.max_len,
-        window=cfg.sequences.window_s)
+    start, end = query_offsets(ekey[order], ets[order], q.column(key_col).to_numpy(), q.column("ts").to_numpy(),
+                               window=cfg.sequences.window_s, max_len=cfg.sequences.max_len)
     lengths = end - start
     return {"key": cfg.vm.sequence_key, "rows": int(len(lengths)),
             "nonempty_share": round(float((lengths > 0).mean()) if len(lengths) else 0.0, 4),

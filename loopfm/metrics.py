@@ -47,7 +47,14 @@ LOGLOSS_EPS: float = 1e-7
 
 
 class UndefinedMetric(ValueError):
-    """The metric has no value on this (valid) input, e.g. AUC when every label is 0."""
+    """The metric has no value on this (valid) input, e.g. AUC when every label is 0.
+
+    ``reason`` is the why alone (``"all 62 labels are 0"``), for reports that already name the
+    metric; ``str(err)`` is the full sentence."""
+
+    def __init__(self, metric: str, reason: str) -> None:
+        super().__init__(f"{metric} is undefined: {reason}")
+        self.metric, self.reason = metric, reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +152,7 @@ def _require_both_classes(y: np.ndarray, metric: str, reason: str = "") -> int:
     n_pos = int(np.count_nonzero(y))
     if n_pos == 0 or n_pos == y.shape[0]:
         cls = 1 if n_pos else 0
-        raise UndefinedMetric(
-            f"{metric} is undefined: all {y.shape[0]} labels are {cls}"
-            + (f" ({reason})" if reason else "")
-        )
+        raise UndefinedMetric(metric, f"all {y.shape[0]} labels are {cls}" + (f" ({reason})" if reason else ""))
     return n_pos
 
 
@@ -207,10 +211,7 @@ def _gauc_core(y: np.ndarray, p: np.ndarray, groups: ArrayLike) -> float:
     n_neg = impressions - n_pos
     valid = (n_pos > 0) & (n_neg > 0)
     if not valid.any():
-        raise UndefinedMetric(
-            f"gAUC is undefined: none of the {n_groups} groups has both positive and negative "
-            f"labels"
-        )
+        raise UndefinedMetric("gAUC", f"none of the {n_groups} groups has both positive and negative labels")
 
     # Composite key (group, rank of prediction): one sort + searchsorted handles all groups.
     _, rank = np.unique(p + 0.0, return_inverse=True)
@@ -357,13 +358,8 @@ def defined_metrics(
         try:
             out[name] = float(compute())
         except UndefinedMetric as err:
-            undefined[name] = _reason(err)
+            undefined[name] = err.reason
     if undefined:
         out["undefined"] = undefined
     return out
 
-
-def _reason(err: UndefinedMetric) -> str:
-    """``"AUC is undefined: all 62 labels are 0"`` -> ``"all 62 labels are 0"``."""
-    text = str(err)
-    return text.split(": ", 1)[1] if " is undefined: " in text else text

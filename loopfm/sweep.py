@@ -42,6 +42,7 @@ from loopfm.config import ConfigError, load_config, to_dict
 from loopfm.experiment import LoopFMConfig
 from loopfm.lock import run_lock
 from loopfm.protocol import check_protocol
+from loopfm.report.render import fmt_ci, fmt_number, fmt_p
 from loopfm.stats import SEEDS_MEASURE, USERS_MEASURE
 
 METRICS = {"auc": "AUC", "ne": "NE", "logloss": "LogLoss"}
@@ -307,24 +308,13 @@ def comparison_table(summary: dict) -> str:
             for variant, c in variants.items():
                 t, boot = c.get("t_test", {}), c.get("user_bootstrap", {})
                 p = t.get("p_value")
-                ci = boot.get("ci95") or [None, None]
+                ci = boot.get("ci95")
                 note = "; ".join(sorted({w for w in (c.get("why_null"), t.get("why_null"), boot.get("why_null"))
                                          if w}))
-                corrected = f" {_fmt_p(None if p is None else min(1.0, p * k))} |" if bonferroni else ""
-                rows.append(f"| {label} | {model}/{variant} | {_fmt_signed(c.get('delta_auc'))} | "
-                            f"{t.get('n', '–')} | {_fmt_p(p)} |{corrected} "
-                            f"{'–' if None in ci else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'} | {note} |")
+                corrected = f" {fmt_p(None if p is None else min(1.0, p * k))} |" if bonferroni else ""
+                rows.append(f"| {label} | {model}/{variant} | {fmt_number(c.get('delta_auc'), signed=True)} | "
+                            f"{t.get('n', '–')} | {fmt_p(p)} |{corrected} {fmt_ci(ci)} | {note} |")
     return "\n".join(rows)
-
-
-def _fmt_signed(x: Any) -> str:
-    return "–" if x is None else f"{x:+.4f}"
-
-
-def _fmt_p(p: Any) -> str:
-    if p is None:
-        return "n/a"
-    return f"{p:.1e}" if 0 < p < 1e-3 else f"{p:.4f}"
 
 
 def _by_source(shared: dict[str, str]) -> dict[str, list[str]]:
@@ -356,10 +346,6 @@ def _plot_name(key: str) -> str:
     return PLOT_NAMES.get(key, key)
 
 
-def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.4f}"
-
-
 def sweep_table(summary: dict, metric: str = "auc") -> str:
     """Markdown: one row per point (in sweep order), one column per MODEL/VARIANT."""
     key = summary["param"]
@@ -368,8 +354,8 @@ def sweep_table(summary: dict, metric: str = "auc") -> str:
     rows = [f"| {header} | " + " | ".join(lines) + " | FM (teacher) |",
             "|---:|" + "---:|" * (len(lines) + 1)]
     for label, value in zip(summary["runs"], summary["values"]):
-        cells = [_fmt(points.get(value)) for points in lines.values()]
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(summary['fm'][label].get(metric))} |")
+        cells = [fmt_number(points.get(value)) for points in lines.values()]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {fmt_number(summary['fm'][label].get(metric))} |")
     return "\n".join(rows)
 
 

@@ -58,7 +58,8 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
     _check_info(info)
     time_range = None if allow_any_time else plausible_time_range()
     if time_range is not None and hasattr(source, "time_range"):
-        source.time_range = time_range  # a source that can name the file row refuses such rows itself
+        # A source that can name the file row refuses such rows itself: no second check here.
+        source.time_range, time_range = time_range, None
     with atomic_output(out) as tmp:
         staged, counters, in_order = _stage(source, info, tmp / "_staging", progress, time_range)
         numbering = _Numbering(staged, info.days, in_order)

@@ -17,12 +17,14 @@ from loopfm.report.results import VARIANT_LABELS, num, variant_sort_key
 # --------------------------------------------------------------------------------------------
 # report.md and plots
 # --------------------------------------------------------------------------------------------
-def _f(x: Any, digits: int = 4) -> str:
+def fmt_number(x: Any, digits: int = 4, *, signed: bool = False) -> str:
+    """A metric cell: ``0.6573`` (``+0.0042`` when ``signed``), ``–`` when missing."""
     v = num(x)
-    return "–" if v is None else f"{v:.{digits}f}"
+    return "–" if v is None else f"{v:{'+' if signed else ''}.{digits}f}"
 
 
-def _fp(p: Any) -> str:
+def fmt_p(p: Any) -> str:
+    """A p-value cell: ``0.0180``, ``3.2e-05`` below 1e-3, ``n/a`` when missing."""
     v = num(p)
     if v is None:
         return "n/a"
@@ -31,7 +33,8 @@ def _fp(p: Any) -> str:
     return f"{v:.1e}" if v < 1e-3 else f"{v:.4f}"
 
 
-def _fci(ci: Any) -> str:
+def fmt_ci(ci: Any) -> str:
+    """An interval cell: ``[-0.0014, +0.0097]``, ``–`` when either end is missing."""
     if not ci or any(num(c) is None for c in ci):
         return "–"
     return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
@@ -66,15 +69,15 @@ def results_table(results: Mapping[str, Any]) -> str:
             if e is None:
                 cells += ["–", "–"]
                 continue
-            a = _f(e.get("auc"))
+            a = fmt_number(e.get("auc"))
             if best[m] is not None and e.get("auc") == best[m] and len(vm[m]) > 1:
                 a = f"**{a}**"
-            cells += [a, _f(e.get("logloss"))]
+            cells += [a, fmt_number(e.get("logloss"))]
         lines.append(f"| {_label(v)} | " + " | ".join(cells) + " |")
     fm = results.get("fm") or {}
     if any(fm.get(k) is not None for k in ("auc", "logloss")):
         lines.append("| FM (teacher) | " + " | ".join(
-            f"{_f(fm.get('auc'))} | {_f(fm.get('logloss'))}" for _ in models) + " |")
+            f"{fmt_number(fm.get('auc'))} | {fmt_number(fm.get('logloss'))}" for _ in models) + " |")
     return "\n".join(lines)
 
 
@@ -90,11 +93,11 @@ def _detail_table(results: Mapping[str, Any]) -> str:
             delta = num((results.get("delta_auc") or {}).get(m, {}).get(key))
             delta = "–" if delta is None else f"{delta:+.4f}"
             lines.append(
-                f"| {m} | {_label(v)} | {_f(e.get('auc'))} ± {_f(e.get('auc_std'))} | "
-                f"{e.get('n_seeds', '–')} | {_f(e.get('logloss'))} | {_f(e.get('ne'))} | "
-                f"{_f(e.get('gauc'))} | {delta} | "
-                f"{_fp(pv.get(m, {}).get(key)) if key in pv.get(m, {}) else '–'} | "
-                f"{_fci(ci.get(m, {}).get(key))} |")
+                f"| {m} | {_label(v)} | {fmt_number(e.get('auc'))} ± {fmt_number(e.get('auc_std'))} | "
+                f"{e.get('n_seeds', '–')} | {fmt_number(e.get('logloss'))} | {fmt_number(e.get('ne'))} | "
+                f"{fmt_number(e.get('gauc'))} | {delta} | "
+                f"{fmt_p(pv.get(m, {}).get(key)) if key in pv.get(m, {}) else '–'} | "
+                f"{fmt_ci(ci.get(m, {}).get(key))} |")
     return "\n".join(lines)
 
 
@@ -110,7 +113,7 @@ def _comparison_table(results: Mapping[str, Any]) -> str:
             delta = num(c.get("delta_auc"))
             notes = sorted({w for w in (t.get("why_null"), boot.get("why_null")) if w})
             lines.append(f"| {m} | {_label(a)} vs {_label(b)} | {'–' if delta is None else f'{delta:+.4f}'} | "
-                         f"{t.get('n', '–')} | {_fp(t.get('p_value'))} | {_fci(boot.get('ci95'))} | "
+                         f"{t.get('n', '–')} | {fmt_p(t.get('p_value'))} | {fmt_ci(boot.get('ci95'))} | "
                          f"{'; '.join(notes) or ''} |")
     return "\n".join(lines)
 
@@ -234,7 +237,7 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
     fm = results.get("fm") or {}
     parts += ["## Foundation model (teacher)", "", "| Model | AUC | LogLoss | NE |",
               "|---|---:|---:|---:|",
-              f"| FM | {_f(fm.get('auc'))} | {_f(fm.get('logloss'))} | {_f(fm.get('ne'))} |", ""]
+              f"| FM | {fmt_number(fm.get('auc'))} | {fmt_number(fm.get('logloss'))} | {fmt_number(fm.get('ne'))} |", ""]
     parts += ["## Details per model and method", "", _detail_table(results), ""]
     if any((results.get("comparisons") or {}).values()):
         parts += ["## Comparisons", "", _comparison_table(results), ""]
@@ -249,7 +252,7 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
         for m, variants in tr["by_model"].items():
             for v, val in variants.items():
                 note = (why.get(m) or {}).get(v)
-                parts.append(f"| {m} | {_label(v)} | {_f(val, 3) if note is None else f'– ({note})'} |")
+                parts.append(f"| {m} | {_label(v)} | {fmt_number(val, 3) if note is None else f'– ({note})'} |")
         parts.append("")
     if _plot_auc_by_variant(results, out / "auc_by_variant.png"):
         parts += ["## Plots", "", "![AUC by variant](auc_by_variant.png)", ""]
@@ -269,7 +272,7 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
     timings = results.get("timings_s") or {}
     if timings:
         parts += ["## Stage timings", "", "| Stage | seconds |", "|---|---:|"]
-        parts += [f"| {k} | {_f(v, 1)} |" for k, v in timings.items()]
+        parts += [f"| {k} | {fmt_number(v, 1)} |" for k, v in timings.items()]
         total = sum(v for v in timings.values() if num(v) is not None)
         parts += [f"| **total** | {total:.1f} |", ""]
     path = out / "report.md"
