@@ -2,6 +2,7 @@
 
 Variants timed (padded input, every sequence full so every code byte is read):
   eager ref      the PyTorch reference: unpack -> dequantize -> masked softmax attention
+  torch path     the op's fast PyTorch backend ("torch", the CPU default; kernels/torch_int4_attend.py)
   compiled ref   torch.compile of that reference (GPU only)
   INT4 kernel    the fused Triton kernel on packed uint8 codes [B, L, d/2]
   fp16 kernel    the same fused kernel on unpacked fp16 values [B, L, d]
@@ -17,8 +18,8 @@ Timings are medians: ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` 
     python benchmarks/kernel_bench.py --max-mb 64 --quick
     python benchmarks/kernel_bench.py --sweep        # GPU: also BLOCK_L x warps x stages, best config
 
-Without a GPU it checks the Triton kernel in the interpreter, times the eager reference on small
-sizes, and says that no kernel timings were taken. It never writes benchmarks/RESULTS.md
+Without a GPU it checks the Triton kernel in the interpreter, times the eager reference and the
+torch path on small sizes, and says that no kernel timings were taken. It never writes benchmarks/RESULTS.md
 (benchmarks/gpu_check.sh does, from its output).
 """
 from __future__ import annotations
@@ -185,6 +186,9 @@ def run_case(mb: float, L: int, args: argparse.Namespace, device: torch.device) 
     if mb <= args.ref_max_mb:
         row["eager"] = _try(lambda: timer(lambda: ref_out(q)))
         row["eager_bwd"] = _try(lambda: timer(_fwd_bwd(ref_out, q, grad)))
+        torch_out = lambda qq: kernels.int4_attend(codes, lengths, qq, backend="torch")  # noqa: E731
+        row["torch"] = _try(lambda: timer(lambda: torch_out(q)))
+        row["torch_bwd"] = _try(lambda: timer(_fwd_bwd(torch_out, q, grad)))
         if cuda:  # on CPU, inductor's C++ compile alone would take most of a minute
             compiled = lambda qq: compiled_reference()(codes, lengths, qq)[0]  # noqa: E731
             row["compiled"] = _try_compiled(lambda: timer(lambda: compiled(q)))
@@ -286,6 +290,8 @@ COLUMNS: list[tuple[str, Callable[[dict, Optional[float]], str]]] = [
     ("L", lambda r, c: str(r["L"])),
     ("eager ref ms", lambda r, c: _ms(r, "eager")),
     ("eager GB/s", lambda r, c: _gbs(r, "eager", "int4_bytes", c)),
+    ("torch path ms", lambda r, c: _ms(r, "torch")),
+    ("torch path vs eager", lambda r, c: _ratio(r, "eager", "torch")),
     ("compiled ref ms", lambda r, c: _ms(r, "compiled")),
     ("INT4 kernel ms", lambda r, c: _ms(r, "int4")),
     ("INT4 GB/s (% copy)", lambda r, c: _gbs(r, "int4", "int4_bytes", c)),
@@ -294,6 +300,8 @@ COLUMNS: list[tuple[str, Callable[[dict, Optional[float]], str]]] = [
     ("INT4 vs eager", lambda r, c: _ratio(r, "eager", "int4")),
     ("INT4 vs compiled", lambda r, c: _ratio(r, "compiled", "int4")),
     ("fwd+bwd eager ms", lambda r, c: _ms(r, "eager_bwd")),
+    ("fwd+bwd torch path ms", lambda r, c: _ms(r, "torch_bwd")),
+    ("fwd+bwd torch path vs eager", lambda r, c: _ratio(r, "eager_bwd", "torch_bwd")),
     ("fwd+bwd compiled ms", lambda r, c: _ms(r, "compiled_bwd")),
     ("fwd+bwd INT4 ms", lambda r, c: _ms(r, "int4_bwd")),
     ("fwd+bwd vs eager", lambda r, c: _ratio(r, "eager_bwd", "int4_bwd")),
@@ -352,7 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         copy_gbs = copy_bandwidth_gbs(device, 1 << 30, args.quick)
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s (1 GiB buffer, read + write bytes)")
     else:
-        print("no GPU found: Triton kernel timings not taken (eager reference only, perf_counter medians)")
+        print("no GPU found: Triton kernel timings not taken (eager reference and torch path only, "
+              "perf_counter medians)")
         if args.interpret_kernels:
             print("--interpret-kernels: the kernel columns are Triton-interpreter runs that only check "
                   "this script; they are not performance figures")

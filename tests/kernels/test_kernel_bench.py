@@ -38,6 +38,7 @@ def test_cpu_run_prints_reference_table(capsys):
     rows = _rows(text)
     assert len(rows) == len(bench.SEQ_LENS)
     assert all(row["eager ref ms"] != "—" and row["fwd+bwd eager ms"] != "—" for row in rows)
+    assert all(row["torch path ms"] != "—" and row["fwd+bwd torch path vs eager"] != "—" for row in rows)
     assert all(row["INT4 kernel ms"] == "—" and row["INT4 vs eager"] == "—" for row in rows)  # reference only
     assert "goals: not checked" in text
 
