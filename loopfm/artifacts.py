@@ -94,6 +94,48 @@ def _alive(pid: int) -> bool:
 
 
 # -- JSON ----------------------------------------------------------------------------------------
+class RowGroupWriter:
+    """One Parquet file written table by table in row groups of ``group_rows`` rows: the file that
+    ``pq.write_table(all tables, row_group_size=group_rows, **options)`` gives, with at most one
+    group's rows held. The file is created at the first flush; call `close` after the last `write`
+    (a writer that was given no rows creates no file)."""
+
+    def __init__(self, path: str | Path, group_rows: int, **options: Any) -> None:
+        if group_rows < 1:
+            raise ValueError(f"group_rows must be >= 1, got {group_rows}")
+        self.path, self.group_rows, self.options = Path(path), int(group_rows), options
+        self.rows = 0  # written and pending
+        self._pending: list = []
+        self._pending_rows = 0
+        self._writer = None
+
+    def write(self, table) -> None:
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        while self._pending_rows >= self.group_rows:
+            self._flush(self.group_rows)
+
+    def close(self) -> None:
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _flush(self, n: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        merged = pa.concat_tables(self._pending)
+        group, rest = merged.slice(0, n), merged.slice(n)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, group.schema, **self.options)
+        self._writer.write_table(group.combine_chunks(), row_group_size=n)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+
 def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:
     """Write JSON to a temp file beside ``path`` and rename it into place (never a half file)."""
     atomic_write_text(path, json.dumps(data, **({"indent": 2} | dumps)))

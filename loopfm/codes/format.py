@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loopfm.artifacts import inside, read_manifest
+from loopfm.artifacts import RowGroupWriter, inside, read_manifest
 
 CODES_DIR = "codes"
 META_COLUMNS = ("example_id", "ts", "day", "label", "user_key", "item_key", "soft_label")
@@ -158,46 +158,29 @@ class PartWriter:
         self.root, self.day, self.part, self.rows_per_part = Path(root), int(day), int(first_part), rows_per_part
         self.rows = 0  # written and pending, this day
         self.bytes = 0  # of the closed part files
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._part_rows = 0  # rows in the open part file
+        self._file: RowGroupWriter | None = None  # the open part
 
     def write(self, table: pa.Table) -> None:
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
         self.rows += table.num_rows
-        while self._pending_rows and self._pending_rows >= self._next_group():
-            self._flush(self._next_group())
+        while table.num_rows:
+            if self._file is None:
+                self._file = RowGroupWriter(part_path(self.root, self.day, self.part), ROW_GROUP_ROWS,
+                                            **_PARQUET_OPTIONS)
+            room = self.rows_per_part - self._file.rows if self.rows_per_part else table.num_rows
+            self._file.write(table.slice(0, room))
+            table = table.slice(room)
+            if self.rows_per_part and self._file.rows == self.rows_per_part:
+                self._close_part()
 
     def close(self) -> None:
         """Write what is pending and close the open part (call once, after the last `write`)."""
-        if self._pending_rows:
-            self._flush(self._pending_rows)
         self._close_part()
 
-    def _next_group(self) -> int:
-        left = self.rows_per_part - self._part_rows if self.rows_per_part else ROW_GROUP_ROWS
-        return min(ROW_GROUP_ROWS, left)
-
-    def _flush(self, n: int) -> None:
-        merged = pa.concat_tables(self._pending)
-        group, rest = merged.slice(0, n), merged.slice(n)
-        if self._writer is None:
-            path = part_path(self.root, self.day, self.part)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(path, group.schema, **_PARQUET_OPTIONS)
-        self._writer.write_table(group.combine_chunks(), row_group_size=n)
-        self._part_rows += n
-        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        if self.rows_per_part and self._part_rows == self.rows_per_part:
-            self._close_part()
-
     def _close_part(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self.bytes += part_path(self.root, self.day, self.part).stat().st_size
-            self._writer, self._part_rows = None, 0
+        if self._file is not None:
+            self._file.close()
+            self.bytes += self._file.path.stat().st_size
+            self._file = None
             self.part += 1
 
 

@@ -21,7 +21,8 @@ def stays_packed(spec: QuantSpec) -> bool:
     return spec.quantizer == "int4-kmeans" and spec.codebook is not None and np.ndim(spec.codebook) == 1
 
 
-def _tensor(x) -> Tensor:
+def as_tensor(x) -> Tensor:
+    """A tensor sharing ``x``'s memory when it can (a writable contiguous array), else a copy."""
     if isinstance(x, Tensor):
         return x
     x = np.ascontiguousarray(x)
@@ -31,13 +32,13 @@ def _tensor(x) -> Tensor:
 def sequence_inputs(spec: QuantSpec, codes, lengths, deltas=None) -> dict[str, Tensor | None]:
     """Keyword arguments of `VMBatch.with_sequence` for a padded code batch: ``codes`` uint8
     [B, L, code_bytes], ``lengths`` [B], ``deltas`` [B, L] seconds from each entry to the example."""
-    lengths_t = _tensor(lengths).to(torch.int32)
-    deltas_t = None if deltas is None else _tensor(deltas).float()
+    lengths_t = as_tensor(lengths).to(torch.int32)
+    deltas_t = None if deltas is None else as_tensor(deltas).float()
     if stays_packed(spec):
         codebook = None if spec.codebook is None else torch.from_numpy(np.asarray(spec.codebook, np.float32))
-        return dict(packed=_tensor(codes).to(torch.uint8), lengths=lengths_t, deltas=deltas_t, codebook=codebook)
+        return dict(packed=as_tensor(codes).to(torch.uint8), lengths=lengths_t, deltas=deltas_t, codebook=codebook)
     values = decode(codes.numpy() if isinstance(codes, Tensor) else codes, spec)
-    return dict(values=_tensor(np.asarray(values, np.float32)), lengths=lengths_t, deltas=deltas_t)
+    return dict(values=as_tensor(np.asarray(values, np.float32)), lengths=lengths_t, deltas=deltas_t)
 
 
 def attach_codes(batch, codes, lengths, deltas, spec: QuantSpec):
@@ -47,4 +48,4 @@ def attach_codes(batch, codes, lengths, deltas, spec: QuantSpec):
 
 def current_code_values(spec: QuantSpec, codes: np.ndarray) -> Tensor:
     """float [B, d]: the decoded FM code of each example itself (uint8 [B, code_bytes])."""
-    return _tensor(np.asarray(decode(codes, spec), np.float32))
+    return as_tensor(np.asarray(decode(codes, spec), np.float32))

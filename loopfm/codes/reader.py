@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from loopfm.artifacts import inside
 from loopfm.codes import format as cf
+from loopfm.data.history import gather
 
 
 @dataclass
@@ -41,11 +42,9 @@ class SequenceBatch:
     value_deltas: np.ndarray | None = None
 
     def to_torch(self) -> dict:
-        import torch
-        def tensor(v):
-            v = np.ascontiguousarray(v)
-            return torch.from_numpy(v if v.flags.writeable else v.copy())  # Arrow-backed views are read-only
-        return {k: tensor(v) for k, v in self.__dict__.items() if v is not None}
+        from loopfm.codes.inputs import as_tensor  # torch only when asked for
+
+        return {k: as_tensor(v) for k, v in self.__dict__.items() if v is not None}
 
 
 class SequenceReader:
@@ -129,10 +128,8 @@ class SequenceReader:
         start, t_ex = self.start[rows], self.ts[rows]
         lengths = (self.end[rows] - start).astype(np.int32)
         out = SequenceBatch(self.example_id[rows], t_ex, self.key[rows], lengths)
-        offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)  # position in its sequence
-        idx = np.repeat(start, lengths) + within                           # timeline row of each entry
+        idx, offsets = gather(start, self.end[rows])  # timeline row of each entry
+        within = idx - np.repeat(start, lengths)      # its position in its sequence
         values = self._gather(idx)
         value_deltas = np.repeat(t_ex, lengths) - self.tl_ts[idx]
         if layout in ("jagged", "both"):

@@ -169,7 +169,7 @@ class StreamingHistories:
         e_code, q_code = codes[:both.num_rows], codes[both.num_rows:]
         e_ts = both.column("ts").to_numpy()
         # carried entries precede the chunk's in input order, and both are time-ordered
-        order = np.lexsort((np.arange(len(e_ts)), e_ts, e_code))
+        order = timeline_order(e_code, e_ts)
         timeline = Timeline(e_code[order], e_ts[order])
         start, end = timeline.bounds(q_code, ts, max_len=self.max_len, window=self.window)
         rows, offsets = gather(start, end)
@@ -190,12 +190,14 @@ class StreamingHistories:
             return order
         last_of_key = np.ones(n, bool)
         last_of_key[:-1] = key[1:] != key[:-1]
-        key_last_ts = np.repeat(ts[last_of_key], np.diff(np.r_[0, np.flatnonzero(last_of_key) + 1]))
+        key_ends = np.flatnonzero(last_of_key)
+        run_lengths = np.diff(np.r_[0, key_ends + 1])
+        key_last_ts = np.repeat(ts[last_of_key], run_lengths)
         at_last = ts == key_last_ts
         # position from the end among the key's entries before its latest second
         before = ~at_last
         pos = np.arange(n)
-        key_end = np.repeat(np.flatnonzero(last_of_key), np.diff(np.r_[0, np.flatnonzero(last_of_key) + 1]))
+        key_end = np.repeat(key_ends, run_lengths)
         n_last = np.zeros(n, np.int64)
         np.add.at(n_last, key_end, at_last.astype(np.int64))
         from_end = key_end - n_last[key_end] - pos  # 0 for the newest entry before the last second

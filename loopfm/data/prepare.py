@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from loopfm.progress import progress_bar
 
-from loopfm.artifacts import atomic_output, write_manifest
+from loopfm.artifacts import RowGroupWriter, atomic_output, write_manifest
 from loopfm.data.errors import DataError
 from loopfm.data.schema import FeatureSpec, Schema
 from loopfm.data.source import DayRule, RawSource, SourceInfo
@@ -71,7 +71,7 @@ def prepare(source: RawSource, out: str | Path, *, min_count: int = 1, config_ha
                     for f in info.features]
         schema = Schema(dataset=info.dataset, user_key=info.user_key, item_key=info.item_key,
                         num_days=numbering.num_days, features=features)
-        rows_per_day, positives = _write_events(staged, numbering, schema, vocabs, tmp, in_order, progress)
+        rows_per_day, positives = _write_events(staged, numbering, schema, vocabs, tmp, progress)
         one_class = _warn_one_class_days(rows_per_day, positives)
         shutil.rmtree(tmp / "_staging")
         schema.save(tmp / "schema.json")
@@ -323,15 +323,15 @@ def _encode_chunk(table: pa.Table, ids: np.ndarray, day: np.ndarray, schema: Sch
     return pa.table(cols)
 
 
-def _write_events(staged, numbering: _Numbering, schema, vocabs, tmp: Path, in_order: bool,
+def _write_events(staged, numbering: _Numbering, schema, vocabs, tmp: Path,
                   progress: bool) -> tuple[dict[int, int], dict[int, int]]:
     events = tmp / "events"
-    target = events if in_order else tmp / "_unsorted"
+    target = events if numbering.in_order else tmp / "_unsorted"
     rows_per_day: dict[int, int] = {}
     positives: dict[int, int] = {}
     part_no: dict[int, int] = {}
     for path, off, _ in progress_bar(staged, desc="prepare: encode", unit=" chunk", enabled=progress):
-        writers: dict[int, _DayPartWriter] = {}  # this chunk's part file per day it touches
+        writers: dict[int, RowGroupWriter] = {}  # this chunk's part file per day it touches
         for batch in pq.ParquetFile(path).iter_batches(batch_size=ENCODE_ROWS):
             table = pa.Table.from_batches([batch])
             ids, chunk_days = numbering(off, table.column("ts").to_numpy())
@@ -341,7 +341,8 @@ def _write_events(staged, numbering: _Numbering, schema, vocabs, tmp: Path, in_o
                 d = int(d)
                 sub = table.filter(pa.array(chunk_days == d))
                 if d not in writers:
-                    writers[d] = _DayPartWriter(target / f"day={d}" / f"part-{part_no.get(d, 0):05d}.parquet")
+                    writers[d] = RowGroupWriter(target / f"day={d}" / f"part-{part_no.get(d, 0):05d}.parquet",
+                                                ROW_GROUP_ROWS)
                     part_no[d] = part_no.get(d, 0) + 1
                 writers[d].write(sub)
                 rows_per_day[d] = rows_per_day.get(d, 0) + sub.num_rows
@@ -349,7 +350,7 @@ def _write_events(staged, numbering: _Numbering, schema, vocabs, tmp: Path, in_o
             del table, batch
         for w in writers.values():
             w.close()
-    if not in_order:
+    if not numbering.in_order:
         for d in progress_bar(sorted(rows_per_day), desc="prepare: sort days", enabled=progress):
             folder = target / f"day={d}"
             table = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
@@ -358,34 +359,3 @@ def _write_events(staged, numbering: _Numbering, schema, vocabs, tmp: Path, in_o
                            row_group_size=ROW_GROUP_ROWS)
         shutil.rmtree(target)
     return dict(sorted(rows_per_day.items())), positives
-
-
-class _DayPartWriter:
-    """One event-log part file written piece by piece, in row groups of ROW_GROUP_ROWS rows: the
-    same file as ``pq.write_table(all pieces, row_group_size=ROW_GROUP_ROWS)``, one group held."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._pending: list[pa.Table] = []
-        self._rows = 0
-        self._writer: pq.ParquetWriter | None = None
-
-    def write(self, table: pa.Table) -> None:
-        self._pending.append(table)
-        self._rows += table.num_rows
-        while self._rows >= ROW_GROUP_ROWS:
-            self._flush(ROW_GROUP_ROWS)
-
-    def close(self) -> None:
-        if self._rows or self._writer is None:
-            self._flush(self._rows)
-        self._writer.close()
-
-    def _flush(self, n: int) -> None:
-        merged = pa.concat_tables(self._pending)
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, merged.schema)
-        self._writer.write_table(merged.slice(0, n).combine_chunks(), row_group_size=max(n, 1))
-        rest = merged.slice(n)
-        self._pending, self._rows = ([rest] if rest.num_rows else []), rest.num_rows

@@ -101,10 +101,11 @@ def example_inputs(layout: InputLayout, spec: QuantSpec | None, max_len: int, ba
 def export_bundle(run_dir: str | Path, model: str, variant: str, seed: int, out: str | Path) -> dict:
     """Write the serving bundle of run ``model/variant/seed`` of ``run_dir``; returns its manifest."""
     from loopfm.data.eventlog import EventLog
+    from loopfm.stages.train_vm import run_name
     from loopfm.vm.checkpoint import checkpoint_path, load_vm
 
     run_dir = Path(run_dir)
-    name = f"{model}/{variant}/{seed}"
+    name = run_name(model, variant, seed)
     vm_manifest = read_manifest(run_dir / "vm")
     ckpt = checkpoint_path(run_dir / "vm", name)
     if not ckpt.is_file():
@@ -158,14 +159,12 @@ def export_bundle(run_dir: str | Path, model: str, variant: str, seed: int, out:
 class Vocabulary:
     """Raw value -> id with the prepare-time rule: unseen values get the OOV id; null is a value."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int | None = None) -> None:
+        """``size``: the feature's vocab_size; None = the file's own (its values, padding and OOV)."""
         t = pq.read_table(path, columns=["value", "id"])
         self.ids = dict(zip(t.column("value").to_pylist(), t.column("id").to_pylist()))
-        self.size = size
-        self.oov_id = size - 1
-
-    def id_of(self, raw) -> int:
-        return self.ids.get(None if raw is None else str(raw), self.oov_id)
+        self.size = len(self.ids) + 2 if size is None else size
+        self.oov_id = self.size - 1
 
     def raw_of(self) -> dict[int, object]:
         """id -> a raw value that maps back to it (the OOV id -> a value no vocabulary holds)."""
@@ -189,10 +188,7 @@ class Bundle:
         key_feature = self.manifest["key_feature"]
         sizes.setdefault(self.manifest["key_vocab"], None)
         self.vocabs = {}
-        for v in sizes:
-            size = sizes[v]
-            if size is None:  # the key feature may be fm_only: its size is the vocabulary's own
-                size = pq.ParquetFile(self.path / "vocab" / f"{v}.parquet").metadata.num_rows + 2
+        for v, size in sizes.items():  # size None: the key feature may be fm_only, its vocabulary sizes it
             self.vocabs[v] = Vocabulary(self.path / "vocab" / f"{v}.parquet", size)
         self.key_vocab = self.vocabs[self.manifest["key_vocab"]]
         self.key_feature = key_feature

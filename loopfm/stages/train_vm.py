@@ -73,6 +73,11 @@ class VMStageConfig:
                              "read and the model's switch to read it)")
 
 
+def run_name(model: str, variant: str, seed: int) -> str:
+    """``model/variant/seed``: a run's column in predictions.parquet and its folder under models/."""
+    return f"{model}/{variant}/{seed}"
+
+
 @dataclass(frozen=True)
 class VMJob:
     """One independent run of the stage: a model, a variant and a seed."""
@@ -83,7 +88,7 @@ class VMJob:
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{self.variant}/{self.seed}"
+        return run_name(self.model, self.variant, self.seed)
 
 
 def vm_jobs(cfg: VMStageConfig) -> list[VMJob]:
@@ -214,7 +219,7 @@ def _merge_ranks(out_dir: Path, rank: int, world_size: int, key: dict, preds: di
                 part_runs = json.loads((folder / "runs.json").read_text())
                 table = pq.read_table(folder / "predictions.parquet")
                 for record in part_runs:
-                    name = f"{record['model']}/{record['variant']}/{record['seed']}"
+                    name = run_name(record["model"], record["variant"], record["seed"])
                     all_preds[name] = table.column(name).to_numpy()
                 all_runs.extend(part_runs)
             model_dirs = [work / f"rank-{r}" / "models" for r in range(world_size)]

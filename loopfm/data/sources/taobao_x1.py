@@ -48,7 +48,6 @@ lists of unequal length.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
