@@ -317,10 +317,6 @@ def table_row(r: dict, copy_gbs: Optional[float]) -> str:
     return "| " + " | ".join(cell(r, copy_gbs) for _, cell in COLUMNS) + " |"
 
 
-def table(rows: list[dict], copy_gbs: Optional[float]) -> str:
-    return "\n".join([table_header()] + [table_row(r, copy_gbs) for r in rows])
-
-
 def goals(rows: list[dict], copy_gbs: Optional[float]) -> str:
     """The issue's goals at the largest shape timed: INT4 forward >= 70% of the copy bandwidth,
     >= 3x the eager reference, >= 1.5x torch.compile of it."""

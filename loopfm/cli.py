@@ -384,12 +384,13 @@ def cmd_train_vm(args: argparse.Namespace) -> int:
 
 
 def _serving_errors(fn):
-    """Bad input or an unreachable store: one line on stderr, exit 2."""
+    """An unknown key or an unreachable store: one line on stderr, exit 2 (bad input, a
+    ValueError, is `main`'s like every command's)."""
     def run(args: argparse.Namespace) -> int:
         from loopfm.serving.store import StoreUnavailable
         try:
             return fn(args)
-        except (ValueError, KeyError, StoreUnavailable) as err:
+        except (KeyError, StoreUnavailable) as err:
             print(f"loopfm {args.command}: error: {err}", file=sys.stderr)
             return 2
     return run

@@ -349,8 +349,12 @@ def defined_metrics(
     ll = _logloss_core(y, p, LOGLOSS_EPS)
     out: Dict[str, Any] = {"auc": None, "logloss": float(ll), "ne": None}
     undefined: Dict[str, str] = {}
-    computations = {"auc": lambda: _auc_core(y, p) if _require_both_classes(y, "AUC") else None,
-                    "ne": lambda: _ne_core(y, p, LOGLOSS_EPS, ll)}
+
+    def auc() -> float:
+        _require_both_classes(y, "AUC")  # raises UndefinedMetric on one class
+        return _auc_core(y, p)
+
+    computations = {"auc": auc, "ne": lambda: _ne_core(y, p, LOGLOSS_EPS, ll)}
     if groups is not None:
         out["gauc"] = None
         computations["gauc"] = lambda: _gauc_core(y, p, groups)

@@ -18,7 +18,6 @@ days of every section against each other before the first stage.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable

@@ -24,6 +24,7 @@ import numpy as np
 from loopfm import metrics as M
 
 __all__ = ["betainc", "t_two_sided_p", "paired_t_test", "weighted_auc", "paired_bootstrap_auc",
+           "bootstrap_aucs", "paired_bootstrap_from_aucs",
            "SEEDS_MEASURE", "USERS_MEASURE"]
 
 #: What each test resamples, as written into results.json and sweep.json.
@@ -194,6 +195,60 @@ def _seed_rows(preds: Any, n: int, name: str) -> np.ndarray:
     return p
 
 
+def bootstrap_aucs(labels: Any, preds: Any, groups: Any, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """``[S, n_boot]``: the AUC of each seed's predictions (``preds`` ``[n]`` or ``[S, n]``) on
+    each cluster-bootstrap resample of the users (``groups``); nan where a resample lacks a class.
+
+    The resamples depend only on the number of rows, of users, ``n_boot`` and ``seed``, so two
+    calls on the same labels and users see the same resamples: the rows of two calls pair up, and
+    a variant's AUCs computed once serve every comparison it is in
+    (`paired_bootstrap_from_aucs`). Deterministic for a given ``seed``.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1; got {n_boot}")
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    n = y.shape[0]
+    rows = _seed_rows(preds, n, "preds")
+    for row in rows:
+        M.auc(y, row)  # validation through loopfm.metrics (labels, finite preds, both classes)
+    gid, n_users = _user_index(groups, n)
+    # Per seed: the rows sorted once by prediction, tie blocks, positives, user of each row.
+    sides = []
+    for p in rows:
+        order, starts, pos = _sorted_blocks(y, p)
+        sides.append((gid[order], starts, pos))
+
+    rng = np.random.default_rng(seed)
+    chunk = int(max(1, min(n_boot, 4_000_000 // max(n, n_users))))
+    out = np.empty((len(rows), n_boot), dtype=np.float64)
+    done = 0
+    while done < n_boot:
+        bsz = min(chunk, n_boot - done)
+        draws = rng.integers(0, n_users, size=(bsz, n_users))
+        offsets = (np.arange(bsz, dtype=np.int64) * n_users)[:, None]
+        counts = np.bincount((draws + offsets).ravel(), minlength=bsz * n_users)
+        counts = counts.reshape(bsz, n_users).astype(np.int64)
+        for s, (g, starts, pos) in enumerate(sides):
+            out[s, done:done + bsz] = _weighted_auc_sorted(counts[:, g], starts, pos)
+        done += bsz
+    return out
+
+
+def paired_bootstrap_from_aucs(aucs_a: np.ndarray, aucs_b: np.ndarray) -> Tuple[float, float, float]:
+    """``(lo, hi, mean)`` of ΔAUC = mean over seeds of ``a_s - b_s`` from two `bootstrap_aucs`
+    results on the same resamples (``[S, n_boot]`` each, seed s of a paired with seed s of b).
+    Resamples without a positive or a negative are dropped (all dropped -> nans)."""
+    if aucs_a.shape != aucs_b.shape:
+        raise ValueError(f"the bootstrap AUCs must pair up seed by seed; got {aucs_a.shape} and {aucs_b.shape}")
+    n_seeds = aucs_a.shape[0]
+    diffs = sum(aucs_a[s] - aucs_b[s] for s in range(n_seeds)) / n_seeds
+    diffs = diffs[np.isfinite(diffs)]
+    if diffs.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi), float(np.mean(diffs))
+
+
 def paired_bootstrap_auc(
     labels: Any,
     preds_a: Any,
@@ -212,39 +267,9 @@ def paired_bootstrap_auc(
     Resamples without a positive or a negative are dropped (all dropped -> nans). Deterministic
     for a given ``seed``. Identical predictors give exactly ``(0.0, 0.0, 0.0)``.
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1; got {n_boot}")
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    n = y.shape[0]
+    n = np.asarray(labels).reshape(-1).shape[0]
     pa, pb = _seed_rows(preds_a, n, "preds_a"), _seed_rows(preds_b, n, "preds_b")
     if pa.shape != pb.shape:
         raise ValueError(f"preds_a and preds_b must pair up seed by seed; got {pa.shape} and {pb.shape}")
-    for row in (*pa, *pb):
-        M.auc(y, row)  # validation through loopfm.metrics (labels, finite preds, both classes)
-    gid, n_users = _user_index(groups, n)
-    # Per seed and side: the rows sorted once by prediction, tie blocks, positives, user of each row.
-    sides = []
-    for p in (*pa, *pb):
-        order, starts, pos = _sorted_blocks(y, p)
-        sides.append((gid[order], starts, pos))
-    n_seeds = pa.shape[0]
-
-    rng = np.random.default_rng(seed)
-    chunk = int(max(1, min(n_boot, 4_000_000 // max(n, n_users))))
-    diffs = np.empty(n_boot, dtype=np.float64)
-    done = 0
-    while done < n_boot:
-        bsz = min(chunk, n_boot - done)
-        draws = rng.integers(0, n_users, size=(bsz, n_users))
-        offsets = (np.arange(bsz, dtype=np.int64) * n_users)[:, None]
-        counts = np.bincount((draws + offsets).ravel(), minlength=bsz * n_users)
-        counts = counts.reshape(bsz, n_users).astype(np.int64)
-        aucs = [_weighted_auc_sorted(counts[:, g], starts, pos) for g, starts, pos in sides]
-        delta = sum(aucs[s] - aucs[n_seeds + s] for s in range(n_seeds)) / n_seeds
-        diffs[done:done + bsz] = delta
-        done += bsz
-    diffs = diffs[np.isfinite(diffs)]
-    if diffs.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(lo), float(hi), float(np.mean(diffs))
+    return paired_bootstrap_from_aucs(bootstrap_aucs(labels, pa, groups, n_boot, seed),
+                                      bootstrap_aucs(labels, pb, groups, n_boot, seed))

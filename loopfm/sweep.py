@@ -203,7 +203,8 @@ def run_sweep(config_path: str | Path | None, overrides: Sequence[str], out: str
         summary["reference"] = reference
         summary["statistics"] = sweep_statistics(key, reference)
         summary["comparisons"] = compare_points([(label, run_dir) for label, run_dir, _ in folders], reference,
-                                                n_boot=ref_cfg.report.n_boot, boot_seed=ref_cfg.report.boot_seed)
+                                                summary["per_seed"], n_boot=ref_cfg.report.n_boot,
+                                                boot_seed=ref_cfg.report.boot_seed)
         report.write_results(out / "sweep.json", summary)
         write_sweep_report(out, summary)
         log_sweep_tensorboard(out / "tb", summary)
@@ -246,11 +247,10 @@ def sweep_statistics(key: str, reference: str) -> dict[str, str]:
     }
 
 
-def _point_predictions(run_dir: Path) -> tuple[Any, Any, Any, dict]:
-    """(example ids, labels, users, {MODEL: {VARIANT: {seed: (preds, auc)}}}) of one point's test day."""
+def _point_predictions(run_dir: Path, per_seed: dict) -> tuple[Any, Any, Any, dict]:
+    """(example ids, labels, users, {MODEL: {VARIANT: {seed: (preds, auc)}}}) of one point's test
+    day; the AUCs are the point's own (``per_seed``: its results' per-seed metrics)."""
     import pyarrow.parquet as pq
-
-    from loopfm.metrics import defined_metrics
 
     table = pq.read_table(run_dir / "vm" / "predictions.parquet")
     labels, users = table.column("label").to_numpy(), table.column("user_id").to_numpy()
@@ -258,25 +258,27 @@ def _point_predictions(run_dir: Path) -> tuple[Any, Any, Any, dict]:
     for name in table.column_names[3:]:
         model, variant, seed = name.split("/")
         preds = table.column(name).to_numpy().astype("float64")
-        runs.setdefault(model, {}).setdefault(variant, {})[int(seed)] = (preds, defined_metrics(labels, preds)["auc"])
+        runs.setdefault(model, {}).setdefault(variant, {})[int(seed)] = (preds, per_seed[model][variant][seed]["auc"])
     return table.column("example_id").to_numpy(), labels, users, runs
 
 
-def compare_points(points: Sequence[tuple[str, Path]], reference: str, *, n_boot: int,
+def compare_points(points: Sequence[tuple[str, Path]], reference: str, per_seed: dict, *, n_boot: int,
                    boot_seed: int) -> dict[str, dict]:
     """``{label: {MODEL: {VARIANT: comparison}}}`` of every point but the reference against it
-    (`loopfm.report.compare`), for the (model, variant) pairs both points trained."""
+    (`loopfm.report.compare`), for the (model, variant) pairs both points trained. ``per_seed``:
+    the summary's per-point test metrics (``{label: {MODEL: {VARIANT: {seed: {"auc": ...}}}}}``)."""
     import numpy as np
 
-    from loopfm.report import compare
+    from loopfm.report.results import ResampledAUCs, compare
 
-    loaded = {label: _point_predictions(run_dir) for label, run_dir in points}
-    ref_ids, labels, users, ref_runs = loaded[reference]
+    run_dirs = dict(points)
+    ref_ids, labels, users, ref_runs = _point_predictions(run_dirs[reference], per_seed[reference])
+    resampled = ResampledAUCs(labels, users, n_boot=n_boot, seed=boot_seed)  # the reference's, once
     out: dict[str, dict] = {}
-    for label, _ in points:
+    for label, _ in points:  # one point's predictions in memory at a time, beside the reference
         if label == reference:
             continue
-        ids, _, _, runs = loaded[label]
+        ids, _, _, runs = _point_predictions(run_dirs[label], per_seed[label])
         same_rows = np.array_equal(ids, ref_ids)
         out[label] = {}
         for model, variants in runs.items():
@@ -284,8 +286,8 @@ def compare_points(points: Sequence[tuple[str, Path]], reference: str, *, n_boot
                 if variant not in ref_runs.get(model, {}):
                     continue
                 out[label].setdefault(model, {})[variant] = compare(
-                    labels, users, by_seed, ref_runs[model][variant], n_boot=n_boot, boot_seed=boot_seed
-                ) if same_rows else {"why_null": "the two points were tested on different rows (their test "
+                    labels, users, by_seed, ref_runs[model][variant], n_boot=n_boot, boot_seed=boot_seed,
+                    resampled=resampled) if same_rows else {"why_null": "the two points were tested on different rows (their test "
                                                  "days' example ids differ): no paired comparison"}
     return out
 

@@ -90,8 +90,7 @@ def _detail_table(results: Mapping[str, Any]) -> str:
     for m, variants in vm.items():
         for v, e in variants.items():
             key = f"{v}_vs_baseline"
-            delta = num((results.get("delta_auc") or {}).get(m, {}).get(key))
-            delta = "–" if delta is None else f"{delta:+.4f}"
+            delta = fmt_number((results.get("delta_auc") or {}).get(m, {}).get(key), signed=True)
             lines.append(
                 f"| {m} | {_label(v)} | {fmt_number(e.get('auc'))} ± {fmt_number(e.get('auc_std'))} | "
                 f"{e.get('n_seeds', '–')} | {fmt_number(e.get('logloss'))} | {fmt_number(e.get('ne'))} | "
@@ -110,9 +109,8 @@ def _comparison_table(results: Mapping[str, Any]) -> str:
         for key, c in comps.items():
             a, _, b = key.partition("_vs_")
             t, boot = c.get("t_test", {}), c.get("user_bootstrap", {})
-            delta = num(c.get("delta_auc"))
             notes = sorted({w for w in (t.get("why_null"), boot.get("why_null")) if w})
-            lines.append(f"| {m} | {_label(a)} vs {_label(b)} | {'–' if delta is None else f'{delta:+.4f}'} | "
+            lines.append(f"| {m} | {_label(a)} vs {_label(b)} | {fmt_number(c.get('delta_auc'), signed=True)} | "
                          f"{t.get('n', '–')} | {fmt_p(t.get('p_value'))} | {fmt_ci(boot.get('ci95'))} | "
                          f"{'; '.join(notes) or ''} |")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ import numpy as np
 
 from loopfm import metrics as M
 from loopfm.artifacts import atomic_write_text
-from loopfm.stats import SEEDS_MEASURE, USERS_MEASURE, paired_bootstrap_auc, paired_t_test
+from loopfm.stats import SEEDS_MEASURE, USERS_MEASURE, bootstrap_aucs, paired_bootstrap_from_aucs, paired_t_test
 
 #: Main variants in the paper's row order (Table 1), with their row labels.
 VARIANT_ORDER: Tuple[str, ...] = ("baseline", "kd", "loopfm", "kd+loopfm", "kd+current")
@@ -169,13 +169,38 @@ def _comparisons(variants: Iterable[str]) -> List[Tuple[str, str]]:
     return pairs
 
 
+class ResampledAUCs:
+    """The AUCs of prediction arrays on the user resamples of one test set, each array's computed
+    once. Every comparison on a test set draws the same resamples (`stats.bootstrap_aucs`), so a
+    variant that is in several comparisons needs its resampled AUCs only once; `prefetch` computes
+    many arrays in one pass over the resamples."""
+
+    def __init__(self, labels: np.ndarray, users: np.ndarray, *, n_boot: int, seed: int) -> None:
+        self.labels, self.users, self.n_boot, self.seed = labels, users, int(n_boot), int(seed)
+        self._rows: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}  # id(preds) -> (preds, its AUCs)
+
+    def prefetch(self, arrays: Sequence[np.ndarray]) -> None:
+        missing = list({id(p): p for p in arrays if id(p) not in self._rows}.values())
+        if missing:
+            aucs = bootstrap_aucs(self.labels, np.stack(missing), self.users, self.n_boot, self.seed)
+            for p, row in zip(missing, aucs):
+                self._rows[id(p)] = (p, row)  # the array is held, so its id is not reused
+
+    def of(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """``[len(arrays), n_boot]``."""
+        self.prefetch(arrays)
+        return np.stack([self._rows[id(p)][1] for p in arrays])
+
+
 def compare(labels: np.ndarray, users: np.ndarray, a: Mapping[int, Tuple[np.ndarray, Optional[float]]],
-            b: Mapping[int, Tuple[np.ndarray, Optional[float]]], *, n_boot: int, boot_seed: int) -> Dict[str, Any]:
+            b: Mapping[int, Tuple[np.ndarray, Optional[float]]], *, n_boot: int, boot_seed: int,
+            resampled: Optional[ResampledAUCs] = None) -> Dict[str, Any]:
     """Variant a against b on one test set: ``a`` / ``b`` map seed -> (predictions, AUC).
 
     ΔAUC is the mean over the common seeds of the per-seed AUC difference; the paired t-test over
     those seeds and the user bootstrap of the same ΔAUC come with what each resamples, and a null
-    comes with why.
+    comes with why. ``resampled``: the test set's `ResampledAUCs`, shared by its comparisons (made
+    for this call when None; the same numbers either way).
     """
     seeds = sorted(set(a) & set(b))
     t_test: Dict[str, Any] = {"measures": SEEDS_MEASURE, "n": len(seeds), "p_value": None}
@@ -191,9 +216,9 @@ def compare(labels: np.ndarray, users: np.ndarray, a: Mapping[int, Tuple[np.ndar
         t_test["why_null"] = "one seed: a t-test over seeds needs at least two (vm.seeds)"
     else:
         t_test["p_value"] = num(paired_t_test(auc_a, auc_b))
-    lo, hi, mean = paired_bootstrap_auc(labels, np.stack([a[s][0] for s in seeds]),
-                                        np.stack([b[s][0] for s in seeds]), users,
-                                        n_boot=n_boot, seed=boot_seed)
+    resampled = resampled or ResampledAUCs(labels, users, n_boot=n_boot, seed=boot_seed)
+    lo, hi, mean = paired_bootstrap_from_aucs(resampled.of([a[s][0] for s in seeds]),
+                                              resampled.of([b[s][0] for s in seeds]))
     boot["ci95"], boot["mean"] = [num(lo), num(hi)], num(mean)
     if boot["mean"] is None:
         boot["why_null"] = "no user resample had both classes"
@@ -316,6 +341,7 @@ def build_results(
     vm: Dict[str, Dict[str, Dict[str, Any]]] = {}
     per_seed: Dict[str, Dict[str, Dict[str, Dict[str, Any]]]] = {}
     comparisons: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    resampled = ResampledAUCs(y, users, n_boot=n_boot, seed=boot_seed)
     for model in grouped:
         variants = dict(sorted(grouped[model].items(), key=lambda kv: variant_sort_key(kv[0])))
         vm[model], per_seed[model], comparisons[model] = {}, {}, {}
@@ -324,10 +350,14 @@ def build_results(
         for variant, ms in seed_metrics.items():
             vm[model][variant] = _aggregate(ms)
             per_seed[model][variant] = {str(s): m for s, m in ms.items()}
-        for a, b in _comparisons(variants):
+        pairs = _comparisons(variants)
+        if all(m["auc"] is not None for ms in seed_metrics.values() for m in ms.values()):
+            compared = dict.fromkeys(v for pair in pairs for v in pair)
+            resampled.prefetch([run.preds for v in compared for run in variants[v].values()])  # one pass
+        for a, b in pairs:
             side = {v: {s: (variants[v][s].preds, seed_metrics[v][s]["auc"]) for s in variants[v]} for v in (a, b)}
             comparisons[model][f"{a}_vs_{b}"] = compare(y, users, side[a], side[b], n_boot=n_boot,
-                                                        boot_seed=boot_seed)
+                                                        boot_seed=boot_seed, resampled=resampled)
 
     def view(get) -> Dict[str, Dict[str, Any]]:
         return {m: {k: get(c) for k, c in cs.items()} for m, cs in comparisons.items()}
