@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loopfm.artifacts import atomic_output, atomic_write_text, is_complete, read_manifest, write_manifest
+from loopfm.artifacts import atomic_output, is_complete, read_manifest, write_manifest
 from loopfm.config import ConfigError, config_hash
 
 if TYPE_CHECKING:
@@ -228,13 +228,12 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def append_to_report(run_dir: str | Path) -> None:
-    """Append ``## Diagnosis`` to RUN/report.md when RUN/diagnose exists (called after the report)."""
-    run_dir = Path(run_dir)
-    path, report = run_dir / FOLDER / "diagnose.json", run_dir / "report.md"
-    if path.is_file() and report.is_file():
-        text = report.read_text().rstrip("\n")
-        atomic_write_text(report, f"{text}\n\n## Diagnosis (before the VM runs)\n\n{render(json.loads(path.read_text()))}\n")
+def report_section(run_dir: str | Path) -> list[str]:
+    """``## Diagnosis`` for RUN/report.md, when RUN/diagnose exists (else nothing)."""
+    path = Path(run_dir) / FOLDER / "diagnose.json"
+    if not path.is_file():
+        return []
+    return [f"## Diagnosis (before the VM runs)\n\n{render(json.loads(path.read_text()))}"]
 
 
 def _floats(metrics: dict) -> dict:

@@ -204,7 +204,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
     import pyarrow.parquet as pq
 
     from loopfm import report
-    from loopfm.diagnose import append_to_report
+    from loopfm.diagnose import report_section
 
     check_inputs(run_dir, "report")
     fm_manifest = read_manifest(run_dir / "fm")
@@ -234,8 +234,7 @@ def run_report(cfg: LoopFMConfig, run_dir: Path, timings: dict[str, float] | Non
                                    boot_seed=cfg.report.boot_seed, min_dne_fm=cfg.report.min_dne_fm)
     results["fm"]["checkpoint"] = "daily" if daily else "fixed"
     report.write_results(run_dir / "results.json", results)
-    report.write_report(run_dir, results)
-    append_to_report(run_dir)  # the diagnosis, when RUN/diagnose exists
+    report.write_report(run_dir, results, sections=report_section(run_dir))  # + the diagnosis, if any
     report.log_tensorboard(run_dir / "tb", results)
     return results
 

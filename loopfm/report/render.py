@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -214,11 +214,13 @@ def plot_sweep(param: str, values: Mapping[Any, Any], path: Path) -> Optional[Pa
 
 
 def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
-                 sweeps: Optional[Mapping[str, Mapping[Any, Any]]] = None) -> Path:
+                 sweeps: Optional[Mapping[str, Mapping[Any, Any]]] = None,
+                 sections: Sequence[str] = ()) -> Path:
     """Write ``out_dir/report.md`` and its PNGs (``auc_by_variant.png``, ``auc_vs_<p>.png``).
 
     ``sweeps``: ``{param: {value: auc}}`` (e.g. ``{"L": {10: 0.61, 25: 0.62}}``) or
-    ``{param: {line_name: {value: auc}}}``; one line plot per param. Returns the report path.
+    ``{param: {line_name: {value: auc}}}``; one line plot per param. ``sections``: markdown
+    appended at the end (e.g. the run's diagnosis). Returns the report path.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,6 +275,7 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
         parts += [f"| {k} | {fmt_number(v, 1)} |" for k, v in timings.items()]
         total = sum(v for v in timings.values() if num(v) is not None)
         parts += [f"| **total** | {total:.1f} |", ""]
+    parts += [text for section in sections for text in (section.rstrip("\n"), "")]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(parts).rstrip() + "\n")
     return path
