@@ -100,13 +100,14 @@ def test_rows_independent_of_chunk_rows(chunk_rows):
 @pytest.mark.parametrize("slice_rows, user_block", [(None, None), (777, 5)])
 def test_rows_pinned(monkeypatch, slice_rows, user_block):
     """A digest of a small draw, also with slices and user blocks far smaller than the arrays
-    (they bound memory, never the draws); a change of the data model must change it on purpose."""
+    (they bound memory, never the rows); a change of the data model must change it on purpose."""
     import hashlib
     from loopfm.data.sources import synthetic
 
     if slice_rows:
         monkeypatch.setattr(synthetic, "SLICE_ROWS", slice_rows)
         monkeypatch.setattr(synthetic, "USER_BLOCK", user_block)
+        monkeypatch.setattr(synthetic, "HISTORY_SLICE", 333)
     t = pa.concat_tables(SyntheticSource(SyntheticConfig(rows=3000), seed=7, chunk_rows=1000).chunks())
     h = hashlib.sha256()
     for name in t.column_names:

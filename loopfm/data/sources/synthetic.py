@@ -146,6 +146,7 @@ from loopfm.data.schema import FeatureSpec
 from loopfm.data.source import DayRule, SourceInfo
 
 BLOCK_ROWS = 65_536  # rows per generation block (one RNG stream each); independent of chunk_rows
+HISTORY_SLICE = 8_192  # rows whose histories are gathered at once (bounds index temporaries)
 CALIBRATION_PAIRS = 200_000
 USER_BLOCK = 8_192  # users per block when sampling behaviour categories (bounds U x C memory)
 # Arrays over all behaviours are worked on SLICE_ROWS at a time where that bounds temporaries;
@@ -678,18 +679,20 @@ class _Stream:
         offsets = np.zeros(len(users) + 1, np.int64)
         np.cumsum(old + today, out=offsets[1:])
         base = users * L + self.ring_len[users]
-        src_old, off_old = gather(base - old, base)
-        dst_old = np.arange(off_old[-1]) - np.repeat(off_old[:-1] - offsets[:-1], old)
-        src_new, off_new = gather(start, end)
-        dst_new = np.arange(off_new[-1]) - np.repeat(off_new[:-1] - offsets[:-1] - old, today)
+        keys = {"hist_cate_id": "cat", "hist_brand": "brand", "hist_btag": "btag"}
+        values = {name: np.empty(offsets[-1], np.int32) for name in keys}
+        for s in range(0, len(users), HISTORY_SLICE):  # bounds the int64 index temporaries
+            sl = slice(s, s + HISTORY_SLICE)
+            first = offsets[:-1][sl]  # each row's first output position
+            src_old, off_old = gather(base[sl] - old[sl], base[sl])
+            dst_old = np.arange(off_old[-1]) - np.repeat(off_old[:-1] - first, old[sl])
+            src_new, off_new = gather(start[sl], end[sl])
+            dst_new = np.arange(off_new[-1]) - np.repeat(off_new[:-1] - first - old[sl], today[sl])
+            for name, key in keys.items():
+                values[name][dst_old] = self.ring[key].reshape(-1)[src_old]
+                values[name][dst_new] = day.b_values[key][src_new]
         off = pa.array(offsets.astype(np.int32))
-        out = {}
-        for name, key in (("hist_cate_id", "cat"), ("hist_brand", "brand"), ("hist_btag", "btag")):
-            values = np.empty(offsets[-1], np.int32)
-            values[dst_old] = self.ring[key].reshape(-1)[src_old]
-            values[dst_new] = day.b_values[key][src_new]
-            out[name] = pa.ListArray.from_arrays(off, pa.array(values))
-        return out
+        return {name: pa.ListArray.from_arrays(off, pa.array(v)) for name, v in values.items()}
 
     def _block(self, day: _Day, d: int, b: int, rows: slice) -> pa.Table:
         w, cfg = self.world, self.cfg
