@@ -149,11 +149,11 @@ BLOCK_ROWS = 65_536  # rows per generation block (one RNG stream each); independ
 HISTORY_SLICE = 8_192  # rows whose histories are gathered at once (bounds index temporaries)
 CALIBRATION_PAIRS = 200_000
 USER_BLOCK = 8_192  # users per block when sampling behaviour categories (bounds U x C memory)
-# Arrays over all behaviours are worked on SLICE_ROWS at a time where that bounds temporaries;
-# only Generator.random() is drawn in slices there: it takes one 64-bit word per value, so the
-# slices draw exactly the values of one call (bounded integers would not: they buffer 32-bit halves).
+# Grouped draws (_draw_grouped) are worked on SLICE_ROWS at a time to bound temporaries; only
+# Generator.random() is drawn in slices there: it takes one 64-bit word per value, so the slices
+# draw exactly the values of one call (bounded integers would not: they buffer 32-bit halves).
 SLICE_ROWS = 1 << 20
-TIME_BITS = 23  # days (+ pre-period) must fit 2^23 s (97 days): the generator's documented range
+TIME_BITS = 23  # days (+ pre-period) must fit 2^23 s (97 days): buffered times are int32 seconds
 
 PID_VALUES = ("430548_1007", "430539_1007")
 PID_PROBS = (0.55, 0.45)
