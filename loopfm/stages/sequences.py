@@ -47,10 +47,22 @@ example lives in exactly one shard per kind; the reader merges the shards.
 Algorithm: the shared point-in-time search of `loopfm.data.history` (`Timeline`): a stable
 argsort by key of the rows (already in example-id = time order) gives timeline order, and two
 ``np.searchsorted`` calls on a composite int64 code give each example's offsets.
+
+Memory (bounded, whatever the rows): pass 1 reads the days one row group at a time for each day's
+earliest time and a bounded sample of the keys, which cuts the key space into ranges of about
+``batch_rows`` rows. Pass 2 builds one range at a time, ascending (it reads the part files again,
+keeping that range's rows): a key's entries and examples all lie in its range, so its offsets are
+the range's plus the timeline rows written before, and the timeline file comes out sorted. Each
+range's examples are spilled per day in example-id order; a k-way merge writes each day's file.
+Row groups are cut at fixed row counts, so the files are the same bytes for any ``batch_rows``
+(tested). Append reads the existing output the same way, range by range.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -90,6 +102,9 @@ class SequencesConfig:
     skip_unknown_keys: bool = field(default=True, metadata={
         "help": "key id 0 (missing) and the OOV id get no timeline (their examples get empty sequences), "
                 "instead of pooling all unknown users into one"})
+    batch_rows: int = field(default=2_000_000, metadata={
+        "help": "rows held at once: the keys are cut into ranges of about this many rows, built one after "
+                "another (memory only: the output is the same for any value)"})
 
     def __post_init__(self) -> None:
         bad = [k for k in self.keys if k not in KEY_KINDS]
@@ -103,6 +118,8 @@ class SequencesConfig:
             raise ValueError(f"sequences.entry_labels must be one of {ENTRY_LABELS}, got {self.entry_labels!r}")
         if self.keep_days < 0:
             raise ValueError(f"sequences.keep_days must be >= 0, got {self.keep_days}")
+        if self.batch_rows < 1:
+            raise ValueError(f"sequences.batch_rows must be >= 1, got {self.batch_rows}")
 
     @property
     def window_s(self) -> int:
@@ -151,34 +168,34 @@ def run_build_sequences(cfg: SequencesConfig, compress_dir: str | Path, out_dir:
     old = _old_shard(append_dir, rank, world_size, cfg) if append_dir is not None else None
     old_m = old["manifest"] if old else None
     days = _days_to_read(cfg, src, old_m, append_dir)
-    config_hash = config_hash or cf.hash_config(cfg, src.get("config_hash", ""), old_m["config_hash"] if old else "")
-    columns = ["example_id", "ts", "day", "label"] + [f"{k}_key" for k in cfg.keys]
-    table = cf.read_codes(compress_dir, days, columns + [cf.CODE_COLUMN])
-    cols = {c: table.column(c).to_numpy() for c in columns}
-    codes = table.column(cf.CODE_COLUMN)  # stays in Arrow: its take() gathers fixed-width rows ~3x faster
-    del table  # the numpy columns are copies (several parts): keep one copy only
+    config_hash = config_hash or cf.hash_config(hash_payload(cfg), src.get("config_hash", ""),
+                                                old_m["config_hash"] if old else "")
+    files = _part_files(compress_dir, src, days)
+    code_type = pq.read_schema(files[0]).field(cf.CODE_COLUMN).type
     days_read = sorted(set(days) | set(old_m["days_read"] if old else []))
     example_days = days_read[-cfg.keep_days:] if cfg.keep_days else days_read
     facts = dict(keys=list(cfg.keys), max_len=cfg.max_len, window_s=cfg.window_s, entry_labels=cfg.entry_labels,
                  keep_days=cfg.keep_days, skip_unknown_keys=cfg.skip_unknown_keys,
                  unknown_keys={k: _unknown_keys(cfg, src, k) for k in cfg.keys},
                  days_read=days_read, days=example_days, rank=rank, world_size=world_size,
-                 code_bytes=int(codes.type.byte_width),
+                 code_bytes=int(code_type.byte_width),
                  quantizer={k: src.get(k) for k in ("quantizer", "dim", "code_bytes", "codebook")},
                  compress=str(compress_dir), timeline_rows={}, rows_per_day={}, length_sum={}, empty={})
     if old is not None:
         _check_append(old_m, facts, days)
+    day_min, samples = _scan(files, cfg.keys, rank, world_size)
     # Retention: nothing older than (earliest kept example - window) can enter a kept sequence.
-    facts["day_min_ts"] = _day_min_ts(cols, example_days, old_m)
+    facts["day_min_ts"] = _day_min_ts(day_min, example_days, old_m)
     cutoff = min(facts["day_min_ts"].values()) - cfg.window_s if facts["day_min_ts"] else None
     with cf.shard_output(out_dir, rank, world_size) as tmp:
         for kind in progress_bar(cfg.keys, desc=f"build-sequences[{rank}]", enabled=progress):
-            mine = np.flatnonzero(cf.shard_of(cols[f"{kind}_key"], world_size) == rank) if world_size > 1 else None
-            sub = {c: (v if mine is None else v[mine]) for c, v in cols.items()}
-            sub["key"] = sub[f"{kind}_key"]
-            old_kind = _load_kind(old["dir"] / kind) if old is not None else None
-            stats = _build_kind(cfg, sub, codes if mine is None else _take(codes, mine), old_kind, example_days,
-                                tmp / kind, cutoff, _unknown_keys(cfg, src, kind))
+            old_kind = old["dir"] / kind if old is not None else None
+            if old_kind is not None:  # the merged timeline's keys count towards the ranges too
+                for rg in _row_groups(old_kind / "timeline.parquet", ["key"]):
+                    samples[kind].add(rg.column("key").to_numpy())
+            parts = _kind_parts(cfg, files, kind, samples[kind].cuts(cfg.batch_rows), rank, world_size,
+                                old_kind, example_days, cutoff, _unknown_keys(cfg, src, kind))
+            stats = _write_kind(tmp / kind, parts, code_type, example_days)
             for name, value in stats.items():
                 facts[name][kind] = value
         manifest = write_manifest(tmp, stage="build-sequences", config_hash=config_hash, **facts)
@@ -186,6 +203,13 @@ def run_build_sequences(cfg: SequencesConfig, compress_dir: str | Path, out_dir:
     if progress:
         print_summary(top or manifest)
     return top or manifest
+
+
+def hash_payload(cfg: SequencesConfig) -> dict:
+    """What identifies the output: the config without ``batch_rows`` (memory only, same files)."""
+    data = dataclasses.asdict(cfg)
+    data.pop("batch_rows")
+    return data
 
 
 def _days_to_read(cfg: SequencesConfig, src: dict, old_m: dict | None, append_dir) -> list[int]:
@@ -196,6 +220,16 @@ def _days_to_read(cfg: SequencesConfig, src: dict, old_m: dict | None, append_di
         raise ValueError(f"no days to {'append' if old_m else 'build'}: compress days are {cf.stage_days(src)}"
                          + (f", already in {append_dir}: {old_m['days_read']}" if old_m else ""))
     return days
+
+
+def _part_files(compress_dir: Path, src: dict, days: list[int]) -> list[Path]:
+    bad = sorted(set(days) - set(cf.stage_days(src)))
+    if bad:
+        raise ValueError(f"{compress_dir}: no day(s) {bad}; days are {cf.stage_days(src)}")
+    files = [p for d in days for p in cf.stage_files(compress_dir, d, src)]
+    if not files:
+        raise ValueError(f"{compress_dir}: no part files for days {days}")
+    return files
 
 
 def print_summary(m: dict) -> None:
@@ -215,44 +249,154 @@ def _unknown_keys(cfg: SequencesConfig, src: dict, kind: str) -> list[int]:
     return [0] + ([int(size) - 1] if size else [])
 
 
-def _day_min_ts(cols: dict, example_days: list[int], old_manifest: dict | None) -> dict[str, int]:
+def _day_min_ts(day_min: dict[int, int], example_days: list[int], old_manifest: dict | None) -> dict[str, int]:
     """Earliest event time of each kept example day, over all ranks' rows (old days: old manifest)."""
     out = {}
     for d in example_days:
         if old_manifest is not None and str(d) in old_manifest["day_min_ts"]:
             out[str(d)] = int(old_manifest["day_min_ts"][str(d)])
-        else:
-            sel = cols["day"] == d
-            if sel.any():
-                out[str(d)] = int(cols["ts"][sel].min())
+        elif d in day_min:
+            out[str(d)] = day_min[d]
     return out
 
 
-def _build_kind(cfg, sub, codes, old_kind, example_days, out: Path, cutoff: int | None, unknown: list[int]):
-    """Write ``out/timeline.parquet`` and ``out/examples/day=K.parquet`` for one key kind."""
-    window = cfg.window_s
-    ok = entry_mask(sub["label"], cfg.entry_labels)
-    if unknown:
-        ok &= ~np.isin(sub["key"], unknown)
-    if cutoff is not None:
-        ok &= sub["ts"] >= cutoff
+# -- reading in bounded memory: one row group at a time, one key range at a time -----------------
+class KeySample:
+    """Every s-th key of a stream, s doubling whenever the sample passes ``cap`` keys: bounded
+    memory, and the same sample (so the same key ranges) for the same stream."""
+
+    def __init__(self, cap: int = 1 << 20) -> None:
+        self.cap, self.stride, self.seen, self.parts, self.size = cap, 1, 0, [], 0
+
+    def add(self, keys: np.ndarray) -> None:
+        picked = np.array(keys[(-self.seen) % self.stride::self.stride], np.int64)  # stream positions % s == 0
+        self.seen += len(keys)
+        self.parts.append(picked)
+        self.size += len(picked)
+        while self.size > self.cap:  # positions % 2s == 0: every other kept key
+            sample = np.concatenate(self.parts)[::2]
+            self.parts, self.size, self.stride = [sample], len(sample), self.stride * 2
+
+    def cuts(self, batch_rows: int) -> np.ndarray:
+        """Ascending key cut points splitting the stream into ranges of about ``batch_rows`` rows."""
+        k = -(-self.seen // batch_rows)
+        if k <= 1:
+            return np.zeros(0, np.int64)
+        sample = np.sort(np.concatenate(self.parts))
+        return np.unique(sample[np.arange(1, k) * len(sample) // k])
+
+
+def _row_groups(path: Path, columns: list[str], key_col: str | None = None, lo=None, hi=None):
+    """The file's row groups as tables; with ``key_col``, skipping those whose key statistics lie
+    outside [lo, hi) (the sorted timeline: a key range reads only its own row groups)."""
+    pf = pq.ParquetFile(path)
+    idx = pf.schema_arrow.get_field_index(key_col) if key_col else -1
+    for i in range(pf.num_row_groups):
+        stats = pf.metadata.row_group(i).column(idx).statistics if idx >= 0 else None
+        if stats is not None and stats.has_min_max and (
+                (lo is not None and stats.max < lo) or (hi is not None and stats.min >= hi)):
+            continue
+        yield pf.read_row_group(i, columns=columns)
+
+
+def _in_range(key: np.ndarray, lo, hi, rank: int, world_size: int) -> np.ndarray:
+    mask = np.ones(len(key), bool) if lo is None else key >= lo
+    if hi is not None:
+        mask &= key < hi
+    if world_size > 1:
+        mask &= cf.shard_of(key, world_size) == rank
+    return mask
+
+
+def _rows_in_range(paths: Sequence[Path], columns: list[str], key_col: str, lo, hi, rank: int = 0,
+                   world_size: int = 1) -> pa.Table:
+    """The rows of ``paths`` (in file order) whose key is in [lo, hi) and, sharded, of this rank."""
+    pieces = []
+    for path in paths:
+        for t in _row_groups(path, columns, key_col, lo, hi):
+            mask = _in_range(t.column(key_col).to_numpy(), lo, hi, rank, world_size)
+            pieces.append(t if mask.all() else t.filter(pa.array(mask)))
+    if not pieces:
+        schema = pq.read_schema(paths[0])
+        return schema.empty_table().select(columns)
+    return pa.concat_tables(pieces)
+
+
+def _scan(files: list[Path], kinds: Sequence[str], rank: int, world_size: int):
+    """Pass 1, one row group at a time: each day's earliest ts (all rows) and, per key kind, a
+    sample of this rank's keys that cuts the key space into ranges."""
+    day_min: dict[int, int] = {}
+    samples = {k: KeySample() for k in kinds}
+    for path in files:
+        for t in _row_groups(path, ["day", "ts"] + [f"{k}_key" for k in kinds]):
+            day, ts = t.column("day").to_numpy(), t.column("ts").to_numpy()
+            for d in np.unique(day):
+                m = int(ts[day == d].min())
+                day_min[int(d)] = min(m, day_min.get(int(d), m))
+            for k in kinds:
+                key = t.column(f"{k}_key").to_numpy()
+                samples[k].add(key if world_size == 1 else key[cf.shard_of(key, world_size) == rank])
+    return day_min, samples
+
+
+def _kind_parts(cfg, files, kind, cuts, rank, world_size, old_kind: Path | None, example_days, cutoff, unknown):
+    """Per key range, ascending: (timeline columns, codes, examples per day) with offsets local to
+    the range's timeline rows (`_write_kind` adds the rows written before)."""
+    bounds = [None, *cuts.tolist(), None]
+    key_col = f"{kind}_key"
+    old_base = 0  # old timeline rows of the ranges before (it is sorted by key)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        table = _rows_in_range(files, ["example_id", "ts", "day", "label", key_col, cf.CODE_COLUMN],
+                               key_col, lo, hi, rank, world_size)
+        eid = table.column("example_id").to_numpy()
+        if len(eid) > 1 and not np.all(eid[1:] > eid[:-1]):  # several parts or shards per day
+            table = table.take(pa.array(np.argsort(eid, kind="stable")))
+        sub = {c: table.column(c).to_numpy() for c in ("example_id", "ts", "day", "label")}
+        sub["key"] = table.column(key_col).to_numpy()
+        codes = table.column(cf.CODE_COLUMN)
+        del table, eid
+        ok = entry_mask(sub["label"], cfg.entry_labels)
+        if unknown:
+            ok &= ~np.isin(sub["key"], unknown)
+        if cutoff is not None:
+            ok &= sub["ts"] >= cutoff
+        if old_kind is None:
+            yield _full_part(cfg, sub, codes, ok, example_days)
+        else:
+            old_part = _old_range(old_kind, lo, hi, example_days, old_base)
+            old_base += len(old_part[0]["key"])
+            is_ex = np.isin(sub["day"], example_days)
+            yield _append_kind(cfg, sub, codes, ok, is_ex, old_part, example_days, cutoff)
+
+
+def _full_part(cfg, sub, codes, ok, example_days):
+    tl_rows, start, end = build_offsets(sub["key"], sub["ts"], ok, cfg.window_s, cfg.max_len)
+    tl = {c: sub[c][tl_rows] for c in ("key", "ts", "example_id", "label")}
     examples = {}
-    if old_kind is None:
-        tl_rows, start, end = build_offsets(sub["key"], sub["ts"], ok, window, cfg.max_len)
-        tl = {c: sub[c][tl_rows] for c in ("key", "ts", "example_id", "label")}
-        tl_codes = _take(codes, tl_rows)
-        for d in example_days:
-            sel = _day_slice(sub["day"], d)
-            examples[d] = (sub["example_id"][sel], sub["ts"][sel], sub["key"][sel], start[sel], end[sel])
-    else:
-        is_ex = np.isin(sub["day"], example_days)
-        tl, tl_codes, examples = _append_kind(cfg, sub, codes, ok, is_ex, old_kind, example_days, cutoff)
-    _write_kind(out, tl, tl_codes, examples)
-    lengths = [v[4] - v[3] for v in examples.values()]
-    return {"timeline_rows": int(len(tl["key"])),
-            "rows_per_day": {str(d): int(len(v[0])) for d, v in examples.items()},
-            "length_sum": int(sum(int(x.sum()) for x in lengths)),
-            "empty": int(sum(int((x == 0).sum()) for x in lengths))}
+    for d in example_days:
+        sel = _day_slice(sub["day"], d)
+        examples[d] = (sub["example_id"][sel], sub["ts"][sel], sub["key"][sel], start[sel], end[sel])
+    return tl, _take(codes, tl_rows), examples
+
+
+def _old_range(folder: Path, lo, hi, example_days, old_base: int):
+    """The existing output's timeline rows and kept examples of keys in [lo, hi), offsets made local."""
+    t = _rows_in_range([folder / "timeline.parquet"], [c for c, _ in TIMELINE_SCHEMA_BASE] + [cf.CODE_COLUMN],
+                       "key", lo, hi)
+    tl = {c: t.column(c).to_numpy() for c, _ in TIMELINE_SCHEMA_BASE}
+    examples = {}
+    for d in example_days:
+        path = folder / "examples" / f"day={d}.parquet"
+        if not path.is_file():
+            continue  # a new day
+        e = _rows_in_range([path], EXAMPLES_SCHEMA.names, "key", lo, hi)
+        eid, ts, key, start, end = (e.column(c).to_numpy() for c in EXAMPLES_SCHEMA.names)
+        nz = end > start
+        start, end = np.where(nz, start - old_base, 0), np.where(nz, end - old_base, 0)
+        if np.any(start < 0) or np.any(end > len(tl["key"])):
+            raise RuntimeError(f"append: {path} has a sequence outside its key's rows of {folder / 'timeline.parquet'}")
+        examples[d] = (eid, ts, key, start, end)
+    return tl, t.column(cf.CODE_COLUMN), examples
 
 
 def _append_kind(cfg, sub, codes, ok, is_ex, old_kind, example_days, cutoff):
@@ -263,7 +407,8 @@ def _append_kind(cfg, sub, codes, ok, is_ex, old_kind, example_days, cutoff):
     m_key = np.concatenate([o_tl["key"][keep], sub["key"][new_rows]])
     order = np.argsort(m_key, kind="stable")  # old rows precede new ones in time: (key, ts, id) order
     tl = {c: np.concatenate([o_tl[c][keep], sub[c][new_rows]])[order] for c in ("key", "ts", "example_id", "label")}
-    both = pa.chunked_array(_take(o_codes, np.flatnonzero(keep)).chunks + _take(codes, new_rows).chunks)
+    both = pa.chunked_array(_take(o_codes, np.flatnonzero(keep)).chunks + _take(codes, new_rows).chunks,
+                            type=codes.type)
     tl_codes = _take(both, order)
     inv = np.empty(len(order), np.int64)
     inv[order] = np.arange(len(order))
@@ -300,27 +445,119 @@ def _day_slice(day: np.ndarray, d: int) -> slice:
     return slice(int(lo), int(hi))
 
 
-def _write_kind(out: Path, tl: dict, tl_codes: pa.ChunkedArray, examples: dict) -> None:
+# -- writing: the ranges in key order, then each day's examples merged by example id -------------
+ROW_GROUP_ROWS = 1 << 20
+_MERGE_ROWS = 1 << 20  # example rows held by a day's merge, over all its runs
+
+
+class _RowGroupWriter:
+    """A Parquet file written in row groups of exactly ROW_GROUP_ROWS rows (the last one shorter),
+    whatever the pieces handed in: the same bytes as the whole table written at once."""
+
+    def __init__(self, path: Path, schema: pa.Schema, **options) -> None:
+        self.schema, self.writer = schema, pq.ParquetWriter(path, schema, **options)
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+            self.rows += table.num_rows
+            if self.pending_rows >= ROW_GROUP_ROWS:
+                self._flush(last=False)
+
+    def _flush(self, last: bool) -> None:
+        table = pa.concat_tables(self.pending).combine_chunks() if self.pending else self.schema.empty_table()
+        n = table.num_rows if last else table.num_rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS
+        if n or (last and not self.rows):  # an empty output still gets its (empty) row group
+            self.writer.write_table(table.slice(0, n), row_group_size=ROW_GROUP_ROWS)
+        self.pending = [table.slice(n)] if n < table.num_rows else []
+        self.pending_rows = table.num_rows - n
+
+    def close(self) -> None:
+        self._flush(last=True)
+        self.writer.close()
+
+    def __enter__(self) -> "_RowGroupWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.writer.close()
+
+
+def _write_kind(out: Path, parts, code_type: pa.DataType, example_days: list[int]) -> dict:
+    """Write ``out/timeline.parquet`` and ``out/examples/day=K.parquet`` for one key kind from its key
+    ranges' parts (ascending, so the timeline is sorted); returns the kind's counts."""
     (out / "examples").mkdir(parents=True, exist_ok=True)
-    arrays = [pa.chunked_array([pa.array(tl[c], type=t)]) for c, t in TIMELINE_SCHEMA_BASE] + [tl_codes]
-    schema = pa.schema(TIMELINE_SCHEMA_BASE + [(cf.CODE_COLUMN, tl_codes.type)])
-    pq.write_table(pa.Table.from_arrays(arrays, schema=schema), out / "timeline.parquet", row_group_size=1 << 20,
-                   use_dictionary=["label"])  # dictionaries of ids and codes cost time, save nothing
-    for d, (eid, ts, key, start, end) in examples.items():
-        t = pa.Table.from_arrays([pa.array(np.asarray(a), type=f.type) for a, f in
-                                  zip((eid, ts, key, start, end), EXAMPLES_SCHEMA)], schema=EXAMPLES_SCHEMA)
-        pq.write_table(t, out / "examples" / f"day={d}.parquet", row_group_size=1 << 20, use_dictionary=False)
+    spill = out / ".spill"  # per day, each range's examples (sorted by id): merged at the end
+    spill.mkdir()
+    runs: dict[int, list[int]] = {d: [] for d in example_days}
+    stats = {"rows_per_day": {str(d): 0 for d in example_days}, "length_sum": 0, "empty": 0}
+    schema = pa.schema(TIMELINE_SCHEMA_BASE + [(cf.CODE_COLUMN, code_type)])
+    # dictionaries of ids and codes cost time, save nothing
+    with _RowGroupWriter(out / "timeline.parquet", schema, use_dictionary=["label"]) as timeline:
+        for tl, tl_codes, examples in parts:
+            base = timeline.rows
+            arrays = [pa.chunked_array([pa.array(tl[c], type=t)]) for c, t in TIMELINE_SCHEMA_BASE] + [tl_codes]
+            timeline.write(pa.Table.from_arrays(arrays, schema=schema))
+            for d, (eid, ts, key, start, end) in examples.items():
+                length = end - start
+                nz = length > 0
+                block = np.stack([eid, ts, key, np.where(nz, start + base, 0), np.where(nz, end + base, 0)], axis=1)
+                with open(spill / f"day={d}.bin", "ab") as f:
+                    block.astype("<i8").tofile(f)
+                runs[d].append(len(eid))
+                stats["rows_per_day"][str(d)] += len(eid)
+                stats["length_sum"] += int(length.sum())
+                stats["empty"] += int((~nz).sum())
+        stats["timeline_rows"] = timeline.rows
+    for d in example_days:
+        _merge_runs(spill / f"day={d}.bin", runs[d], out / "examples" / f"day={d}.parquet")
+    shutil.rmtree(spill)
+    return stats
 
 
-def _load_kind(folder: Path):
-    t = pq.read_table(folder / "timeline.parquet")
-    tl = {c: t.column(c).to_numpy() for c, _ in TIMELINE_SCHEMA_BASE}
-    codes = t.column(cf.CODE_COLUMN)
-    examples = {}
-    for p in sorted((folder / "examples").glob("day=*.parquet")):
-        e = pq.read_table(p)
-        examples[int(p.stem.split("=")[1])] = tuple(e.column(c).to_numpy() for c in EXAMPLES_SCHEMA.names)
-    return tl, codes, examples
+def _examples_table(rows: np.ndarray) -> pa.Table:
+    return pa.Table.from_arrays([pa.array(np.ascontiguousarray(rows[:, i]), type=f.type)
+                                 for i, f in enumerate(EXAMPLES_SCHEMA)], schema=EXAMPLES_SCHEMA)
+
+
+def _merge_runs(spill: Path, counts: list[int], out: Path) -> None:
+    """K-way merge by example id of the sorted runs (``counts`` rows each, in order) of ``spill``,
+    holding a block of each run: rows up to the smallest last id of the blocks of unfinished runs
+    are complete, since every row still on disk lies beyond its run's block."""
+    width = len(EXAMPLES_SCHEMA)
+    block = max(1, _MERGE_ROWS // max(len(counts), 1))
+    pos = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist() if counts else []
+    left = list(counts)
+    bufs = [np.zeros((0, width), np.int64) for _ in counts]
+    with _RowGroupWriter(out, EXAMPLES_SCHEMA, use_dictionary=False) as writer, \
+            open(spill, "rb") if spill.exists() else contextlib.nullcontext() as f:
+
+        def refill(i: int) -> None:
+            n = min(block, left[i])
+            f.seek(pos[i] * width * 8)
+            bufs[i] = np.fromfile(f, "<i8", n * width).reshape(n, width)
+            pos[i] += n
+            left[i] -= n
+
+        for i in range(len(counts)):
+            refill(i) if left[i] else None
+        while any(len(b) for b in bufs):
+            limit = min((bufs[i][-1, 0] for i in range(len(bufs)) if left[i]), default=None)
+            out_rows = []
+            for i, b in enumerate(bufs):
+                cut = len(b) if limit is None else int(np.searchsorted(b[:, 0], limit, side="right"))
+                out_rows.append(b[:cut])
+                bufs[i] = b[cut:]
+                if not len(bufs[i]) and left[i]:
+                    refill(i)
+            rows = np.concatenate(out_rows)
+            writer.write(_examples_table(rows[np.argsort(rows[:, 0], kind="stable")]))
 
 
 def _old_shard(append_dir, rank, world_size, cfg) -> dict:
