@@ -102,7 +102,7 @@ class SequencesConfig:
     skip_unknown_keys: bool = field(default=True, metadata={
         "help": "key id 0 (missing) and the OOV id get no timeline (their examples get empty sequences), "
                 "instead of pooling all unknown users into one"})
-    batch_rows: int = field(default=2_000_000, metadata={
+    batch_rows: int = field(default=1_000_000, metadata={
         "help": "rows held at once: the keys are cut into ranges of about this many rows, built one after "
                 "another (memory only: the output is the same for any value)"})
 
@@ -447,7 +447,7 @@ def _day_slice(day: np.ndarray, d: int) -> slice:
 
 # -- writing: the ranges in key order, then each day's examples merged by example id -------------
 ROW_GROUP_ROWS = 1 << 20
-_MERGE_ROWS = 1 << 20  # example rows held by a day's merge, over all its runs
+_MERGE_ROWS = 1 << 18  # example rows held by a day's merge, over all its runs
 
 
 class _RowGroupWriter:
@@ -468,12 +468,15 @@ class _RowGroupWriter:
                 self._flush(last=False)
 
     def _flush(self, last: bool) -> None:
-        table = pa.concat_tables(self.pending).combine_chunks() if self.pending else self.schema.empty_table()
-        n = table.num_rows if last else table.num_rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS
-        if n or (last and not self.rows):  # an empty output still gets its (empty) row group
-            self.writer.write_table(table.slice(0, n), row_group_size=ROW_GROUP_ROWS)
-        self.pending = [table.slice(n)] if n < table.num_rows else []
-        self.pending_rows = table.num_rows - n
+        while self.pending_rows >= ROW_GROUP_ROWS or (last and (self.pending_rows or not self.rows)):
+            n = min(self.pending_rows, ROW_GROUP_ROWS)
+            pending = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
+            # Copy out one row group only: the rest stays in the pieces handed in (no second copy held).
+            self.writer.write_table(pending.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+            self.pending = [pending.slice(n)] if n < self.pending_rows else []
+            self.pending_rows -= n
+            if not self.pending_rows and last:
+                break
 
     def close(self) -> None:
         self._flush(last=True)
