@@ -191,10 +191,10 @@ def run_build_sequences(cfg: SequencesConfig, compress_dir: str | Path, out_dir:
         for kind in progress_bar(cfg.keys, desc=f"build-sequences[{rank}]", enabled=progress):
             old_kind = old["dir"] / kind if old is not None else None
             if old_kind is not None:  # the merged timeline's keys count towards the ranges too
-                for rg in _row_groups(old_kind / "timeline.parquet", ["key"]):
-                    samples[kind].add(rg.column("key").to_numpy())
-            parts = _kind_parts(cfg, files, kind, samples[kind].cuts(cfg.batch_rows), rank, world_size,
-                                old_kind, example_days, cutoff, _unknown_keys(cfg, src, kind))
+                for rg in _row_groups(old_kind / "timeline.parquet", ["key", "example_id"]):
+                    samples[kind].add(rg.column("key").to_numpy(), rg.column("example_id").to_numpy())
+            parts = _kind_parts(cfg, files, kind, samples[kind], rank, world_size, old_kind, example_days, cutoff,
+                                _unknown_keys(cfg, src, kind))
             stats = _write_kind(tmp / kind, parts, code_type, example_days)
             for name, value in stats.items():
                 facts[name][kind] = value
@@ -262,47 +262,62 @@ def _day_min_ts(day_min: dict[int, int], example_days: list[int], old_manifest: 
 
 # -- reading in bounded memory: one row group at a time, one key range at a time -----------------
 class KeySample:
-    """Every s-th key of a stream, s doubling whenever the sample passes ``cap`` keys: bounded
-    memory, and the same sample (so the same key ranges) for the same stream."""
+    """Every s-th (key, example id) of a stream, s doubling whenever the sample passes ``cap``
+    rows: bounded memory, and the same sample (so the same ranges) for the same stream."""
 
     def __init__(self, cap: int = 1 << 20) -> None:
-        self.cap, self.stride, self.seen, self.parts, self.size = cap, 1, 0, [], 0
+        self.cap, self.stride, self.seen, self.size = cap, 1, 0, 0
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def add(self, keys: np.ndarray) -> None:
-        picked = np.array(keys[(-self.seen) % self.stride::self.stride], np.int64)  # stream positions % s == 0
+    def add(self, keys: np.ndarray, example_ids: np.ndarray) -> None:
+        first = (-self.seen) % self.stride  # keep stream positions divisible by the stride
+        picked = (np.array(keys[first::self.stride], np.int64), np.array(example_ids[first::self.stride], np.int64))
         self.seen += len(keys)
         self.parts.append(picked)
-        self.size += len(picked)
-        while self.size > self.cap:  # positions % 2s == 0: every other kept key
-            sample = np.concatenate(self.parts)[::2]
-            self.parts, self.size, self.stride = [sample], len(sample), self.stride * 2
+        self.size += len(picked[0])
+        while self.size > self.cap:  # positions divisible by 2s: every other kept row
+            k, e = self._sample()
+            self.parts, self.size, self.stride = [(k[::2], e[::2])], len(k[::2]), self.stride * 2
 
-    def cuts(self, batch_rows: int) -> np.ndarray:
-        """Ascending key cut points splitting the stream into ranges of about ``batch_rows`` rows."""
+    def _sample(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([p[0] for p in self.parts]), np.concatenate([p[1] for p in self.parts])
+
+    def cuts(self, batch_rows: int, split_keys: bool = True) -> list[tuple[int, int]]:
+        """Ascending (key, example id) cut points, in timeline order, splitting the stream into
+        ranges of about ``batch_rows`` rows; ``split_keys=False``: every cut at a key's first row."""
         k = -(-self.seen // batch_rows)
         if k <= 1:
-            return np.zeros(0, np.int64)
-        sample = np.sort(np.concatenate(self.parts))
-        return np.unique(sample[np.arange(1, k) * len(sample) // k])
+            return []
+        key, eid = self._sample()
+        order = np.lexsort((eid, key))
+        at = order[np.arange(1, k) * len(order) // k]
+        cuts = zip(key[at].tolist(), eid[at].tolist() if split_keys else [_MIN_ID] * len(at))
+        return sorted(set(cuts))
+
+
+_MIN_ID = np.iinfo(np.int64).min
 
 
 def _row_groups(path: Path, columns: list[str], key_col: str | None = None, lo=None, hi=None):
     """The file's row groups as tables; with ``key_col``, skipping those whose key statistics lie
-    outside [lo, hi) (the sorted timeline: a key range reads only its own row groups)."""
+    outside the range from cut ``lo`` to cut ``hi`` (the sorted timeline: a range reads its own)."""
     pf = pq.ParquetFile(path)
     idx = pf.schema_arrow.get_field_index(key_col) if key_col else -1
     for i in range(pf.num_row_groups):
         stats = pf.metadata.row_group(i).column(idx).statistics if idx >= 0 else None
         if stats is not None and stats.has_min_max and (
-                (lo is not None and stats.max < lo) or (hi is not None and stats.min >= hi)):
+                (lo is not None and stats.max < lo[0]) or (hi is not None and stats.min > hi[0])):
             continue
         yield pf.read_row_group(i, columns=columns)
 
 
-def _in_range(key: np.ndarray, lo, hi, rank: int, world_size: int) -> np.ndarray:
-    mask = np.ones(len(key), bool) if lo is None else key >= lo
+def _in_range(key: np.ndarray, eid: np.ndarray, lo, hi, rank: int, world_size: int) -> np.ndarray:
+    """Rows with cut ``lo`` <= (key, example id) < cut ``hi`` (None: open) and, sharded, of this rank."""
+    mask = np.ones(len(key), bool) if lo is None else (key > lo[0]) | ((key == lo[0]) & (eid >= lo[1]))
     if hi is not None:
-        mask &= key < hi
+        mask &= (key < hi[0]) | ((key == hi[0]) & (eid < hi[1]))
     if world_size > 1:
         mask &= cf.shard_of(key, world_size) == rank
     return mask
@@ -310,73 +325,115 @@ def _in_range(key: np.ndarray, lo, hi, rank: int, world_size: int) -> np.ndarray
 
 def _rows_in_range(paths: Sequence[Path], columns: list[str], key_col: str, lo, hi, rank: int = 0,
                    world_size: int = 1) -> pa.Table:
-    """The rows of ``paths`` (in file order) whose key is in [lo, hi) and, sharded, of this rank."""
+    """The rows of ``paths`` (in file order) from cut ``lo`` to cut ``hi`` and, sharded, of this rank."""
     pieces = []
     for path in paths:
         for t in _row_groups(path, columns, key_col, lo, hi):
-            mask = _in_range(t.column(key_col).to_numpy(), lo, hi, rank, world_size)
+            mask = _in_range(t.column(key_col).to_numpy(), t.column("example_id").to_numpy(), lo, hi, rank,
+                             world_size)
             pieces.append(t if mask.all() else t.filter(pa.array(mask)))
     if not pieces:
-        schema = pq.read_schema(paths[0])
-        return schema.empty_table().select(columns)
+        return pq.read_schema(paths[0]).empty_table().select(columns)
     return pa.concat_tables(pieces)
 
 
 def _scan(files: list[Path], kinds: Sequence[str], rank: int, world_size: int):
     """Pass 1, one row group at a time: each day's earliest ts (all rows) and, per key kind, a
-    sample of this rank's keys that cuts the key space into ranges."""
+    sample of this rank's (key, example id) that cuts the timeline into ranges."""
     day_min: dict[int, int] = {}
     samples = {k: KeySample() for k in kinds}
     for path in files:
-        for t in _row_groups(path, ["day", "ts"] + [f"{k}_key" for k in kinds]):
-            day, ts = t.column("day").to_numpy(), t.column("ts").to_numpy()
+        for t in _row_groups(path, ["example_id", "day", "ts"] + [f"{k}_key" for k in kinds]):
+            day, ts, eid = (t.column(c).to_numpy() for c in ("day", "ts", "example_id"))
             for d in np.unique(day):
                 m = int(ts[day == d].min())
                 day_min[int(d)] = min(m, day_min.get(int(d), m))
             for k in kinds:
                 key = t.column(f"{k}_key").to_numpy()
-                samples[k].add(key if world_size == 1 else key[cf.shard_of(key, world_size) == rank])
+                mine = slice(None) if world_size == 1 else cf.shard_of(key, world_size) == rank
+                samples[k].add(key[mine], eid[mine])
     return day_min, samples
 
 
-def _kind_parts(cfg, files, kind, cuts, rank, world_size, old_kind: Path | None, example_days, cutoff, unknown):
-    """Per key range, ascending: (timeline columns, codes, examples per day) with offsets local to
-    the range's timeline rows (`_write_kind` adds the rows written before)."""
-    bounds = [None, *cuts.tolist(), None]
+def _kind_parts(cfg, files, kind, sample: KeySample, rank, world_size, old_kind: Path | None, example_days,
+                cutoff, unknown):
+    """Per range of the timeline, in order: (timeline columns, codes, examples per day) with offsets
+    local to the range's timeline rows (`_write_kind` adds the rows written before). A full build
+    may cut inside a key: the next range then starts from the key's newest entries (``carry``)."""
+    cuts = sample.cuts(cfg.batch_rows, split_keys=old_kind is None)
+    bounds = [None, *cuts, None]
     key_col = f"{kind}_key"
     old_base = 0  # old timeline rows of the ranges before (it is sorted by key)
+    carry = None
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         table = _rows_in_range(files, ["example_id", "ts", "day", "label", key_col, cf.CODE_COLUMN],
                                key_col, lo, hi, rank, world_size)
-        eid = table.column("example_id").to_numpy()
-        if len(eid) > 1 and not np.all(eid[1:] > eid[:-1]):  # several parts or shards per day
-            table = table.take(pa.array(np.argsort(eid, kind="stable")))
         sub = {c: table.column(c).to_numpy() for c in ("example_id", "ts", "day", "label")}
         sub["key"] = table.column(key_col).to_numpy()
         codes = table.column(cf.CODE_COLUMN)
-        del table, eid
+        del table
         ok = entry_mask(sub["label"], cfg.entry_labels)
         if unknown:
             ok &= ~np.isin(sub["key"], unknown)
         if cutoff is not None:
             ok &= sub["ts"] >= cutoff
         if old_kind is None:
-            yield _full_part(cfg, sub, codes, ok, example_days)
+            part, carry = _full_part(cfg, sub, codes, ok, example_days, carry if lo is not None and carry is not None
+                                     and carry[0]["key"][0] == lo[0] else None)
+            yield part
         else:
+            order = _id_order(sub["example_id"])
+            if order is not None:
+                sub, ok, codes = {c: v[order] for c, v in sub.items()}, ok[order], _take(codes, order)
             old_part = _old_range(old_kind, lo, hi, example_days, old_base)
             old_base += len(old_part[0]["key"])
             is_ex = np.isin(sub["day"], example_days)
             yield _append_kind(cfg, sub, codes, ok, is_ex, old_part, example_days, cutoff)
 
 
-def _full_part(cfg, sub, codes, ok, example_days):
+def _id_order(eid: np.ndarray) -> np.ndarray | None:
+    """The order that sorts rows by example id, None when they already are (one part per day)."""
+    return None if len(eid) < 2 or np.all(eid[1:] > eid[:-1]) else np.argsort(eid, kind="stable")
+
+
+def _full_part(cfg, sub, codes, ok, example_days, carry):
+    """One range of a full build. ``carry``: the newest entries of the range's first key from the
+    ranges before (a key cut in two), enough for its examples here: the latest second's ties plus
+    ``max_len`` before them. They lead the range's timeline and are not written again."""
+    n_carry = 0
+    is_ex = np.ones(len(sub["key"]), bool)
+    if carry is not None:
+        c_cols, c_codes = carry
+        n_carry = len(c_cols["key"])
+        sub = {**{c: np.concatenate([c_cols[c], sub[c]]) for c in ("key", "ts", "example_id", "label")},
+               "day": np.concatenate([np.full(n_carry, -1, sub["day"].dtype), sub["day"]])}
+        codes = pa.chunked_array(c_codes.chunks + codes.chunks, type=codes.type)
+        ok = np.concatenate([np.ones(n_carry, bool), ok])
+        is_ex = np.concatenate([np.zeros(n_carry, bool), is_ex])
+    order = _id_order(sub["example_id"])  # several parts per day, or carried entries
+    if order is not None:
+        sub, ok, is_ex, codes = {c: v[order] for c, v in sub.items()}, ok[order], is_ex[order], _take(codes, order)
     tl_rows, start, end = build_offsets(sub["key"], sub["ts"], ok, cfg.window_s, cfg.max_len)
-    tl = {c: sub[c][tl_rows] for c in ("key", "ts", "example_id", "label")}
+    next_carry = _carry(sub, codes, tl_rows, cfg.max_len)
+    tl = {c: sub[c][tl_rows[n_carry:]] for c in ("key", "ts", "example_id", "label")}
+    start, end = start - n_carry, end - n_carry  # the carried rows were written with the range before
+    ex = np.flatnonzero(is_ex)
     examples = {}
     for d in example_days:
-        sel = _day_slice(sub["day"], d)
+        sel = ex[_day_slice(sub["day"][ex], d)]
         examples[d] = (sub["example_id"][sel], sub["ts"][sel], sub["key"][sel], start[sel], end[sel])
-    return tl, _take(codes, tl_rows), examples
+    return (tl, _take(codes, tl_rows[n_carry:]), examples), next_carry
+
+
+def _carry(sub, codes, tl_rows, max_len: int):
+    """The newest entries of the range's last key: its latest second's ties plus ``max_len`` more."""
+    if not len(tl_rows):
+        return None
+    key, ts = sub["key"][tl_rows], sub["ts"][tl_rows]
+    first_of_key = int(np.searchsorted(key, key[-1]))
+    ties = len(ts) - int(np.searchsorted(ts[first_of_key:], ts[-1])) - first_of_key
+    rows = tl_rows[max(first_of_key, len(tl_rows) - ties - max_len):]
+    return {c: sub[c][rows] for c in ("key", "ts", "example_id", "label")}, _take(codes, rows)
 
 
 def _old_range(folder: Path, lo, hi, example_days, old_base: int):
@@ -549,7 +606,8 @@ def _merge_runs(spill: Path, counts: list[int], out: Path) -> None:
             left[i] -= n
 
         for i in range(len(counts)):
-            refill(i) if left[i] else None
+            if left[i]:
+                refill(i)
         while any(len(b) for b in bufs):
             limit = min((bufs[i][-1, 0] for i in range(len(bufs)) if left[i]), default=None)
             out_rows = []

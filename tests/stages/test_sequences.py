@@ -480,16 +480,23 @@ def test_key_ranges_on_random_logs(monkeypatch, log, batch_rows, world_size):
 
 def test_key_sample_is_bounded_and_cuts_evenly():
     rng = np.random.default_rng(0)
-    keys = rng.integers(-2**63, 2**63 - 1, 100_000)
+    keys = rng.zipf(1.5, 100_000).astype(np.int64)  # key 1 alone holds about 40% of the rows
+    eids = np.arange(len(keys), dtype=np.int64)
     sample = seq.KeySample(cap=1000)
-    for chunk in np.array_split(keys, 37):
-        sample.add(chunk)
+    for chunk in np.array_split(np.arange(len(keys)), 37):
+        sample.add(keys[chunk], eids[chunk])
     assert sample.size <= 1000 and sample.seen == len(keys)
-    np.testing.assert_array_equal(np.concatenate(sample.parts), keys[::sample.stride])  # every s-th key
-    cuts = sample.cuts(10_000)
-    sizes = np.bincount(np.searchsorted(cuts, keys, side="right"))
-    assert len(sizes) == 10 and sizes.max() < 15_000  # about batch_rows each
-    assert len(seq.KeySample().cuts(1)) == 0  # no rows, one (empty) range
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in sample.parts]), keys[::sample.stride])
+    cuts = sample.cuts(10_000)  # inside heavy keys too: ranges of about batch_rows rows each
+    order = np.lexsort((eids, keys))
+    rank = np.empty(len(keys), np.int64)
+    rank[order] = np.arange(len(keys))
+    cut_rank = [int(rank[(keys == k) & (eids == e)][0]) for k, e in cuts]
+    sizes = np.diff([0, *cut_rank, len(keys)])
+    assert len(sizes) == 10 and sizes.max() < 15_000
+    whole_keys = sample.cuts(10_000, split_keys=False)  # append: cuts only between keys
+    assert all(e == np.iinfo(np.int64).min for _, e in whole_keys) and len(whole_keys) < len(cuts)
+    assert seq.KeySample().cuts(1) == []  # no rows, one (empty) range
 
 
 def test_batch_rows_is_checked_and_not_hashed():
