@@ -49,13 +49,15 @@ argsort by key of the rows (already in example-id = time order) gives timeline o
 ``np.searchsorted`` calls on a composite int64 code give each example's offsets.
 
 Memory (bounded, whatever the rows): pass 1 reads the days one row group at a time for each day's
-earliest time and a bounded sample of the keys, which cuts the key space into ranges of about
-``batch_rows`` rows. Pass 2 builds one range at a time, ascending (it reads the part files again,
-keeping that range's rows): a key's entries and examples all lie in its range, so its offsets are
-the range's plus the timeline rows written before, and the timeline file comes out sorted. Each
-range's examples are spilled per day in example-id order; a k-way merge writes each day's file.
-Row groups are cut at fixed row counts, so the files are the same bytes for any ``batch_rows``
-(tested). Append reads the existing output the same way, range by range.
+earliest time and a bounded sample of (key, example id), which cuts the timeline into ranges of
+about ``batch_rows`` rows. Pass 2 builds one range at a time, in timeline order (it reads the part
+files again, keeping that range's rows), and appends it to the timeline file, offsets shifted by
+the rows written before. A cut may fall inside a heavy key: the next range then starts from that
+key's newest entries (its latest second's ties plus ``max_len`` before them: all any later example
+of the key can reach), which are not written twice. Each range's examples are spilled per day in
+example-id order; a k-way merge writes each day's file. Row groups are cut at fixed row counts, so
+the files are the same bytes for any ``batch_rows`` (tested). Append reads the existing output the
+same way, but cuts only between keys (a key's old and new rows are held together).
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ class SequencesConfig:
     skip_unknown_keys: bool = field(default=True, metadata={
         "help": "key id 0 (missing) and the OOV id get no timeline (their examples get empty sequences), "
                 "instead of pooling all unknown users into one"})
-    batch_rows: int = field(default=1_000_000, metadata={
+    batch_rows: int = field(default=500_000, metadata={
         "help": "rows held at once: the keys are cut into ranges of about this many rows, built one after "
                 "another (memory only: the output is the same for any value)"})
 
