@@ -306,7 +306,8 @@ def _row_groups(path: Path, columns: list[str], key_col: str | None = None, lo=N
     """The file's row groups as tables; with ``key_col``, skipping those whose key statistics lie
     outside the range from cut ``lo`` to cut ``hi`` (the sorted timeline: a range reads its own)."""
     pf = pq.ParquetFile(path)
-    idx = pf.schema_arrow.get_field_index(key_col) if key_col else -1
+    leaves = [pf.metadata.schema.column(j).path for j in range(pf.metadata.num_columns)]
+    idx = leaves.index(key_col) if key_col in leaves else -1  # statistics are per leaf column
     for i in range(pf.num_row_groups):
         stats = pf.metadata.row_group(i).column(idx).statistics if idx >= 0 else None
         if stats is not None and stats.has_min_max and (
