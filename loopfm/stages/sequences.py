@@ -56,8 +56,10 @@ the rows written before. A cut may fall inside a heavy key: the next range then 
 key's newest entries (its latest second's ties plus ``max_len`` before them: all any later example
 of the key can reach), which are not written twice. Each range's examples are spilled per day in
 example-id order; a k-way merge writes each day's file. Row groups are cut at fixed row counts, so
-the files are the same bytes for any ``batch_rows`` (tested). Append reads the existing output the
-same way, but cuts only between keys (a key's old and new rows are held together).
+the files are the same bytes for any ``batch_rows`` (tested). Append goes range by range too: the
+existing timeline's rows of the range (its sorted row groups), the kept examples of the range's
+keys (each old day file is scanned once per range), and for a key cut in two the constant by
+which its kept old entries moved.
 """
 from __future__ import annotations
 
@@ -286,20 +288,16 @@ class KeySample:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate([p[0] for p in self.parts]), np.concatenate([p[1] for p in self.parts])
 
-    def cuts(self, batch_rows: int, split_keys: bool = True) -> list[tuple[int, int]]:
+    def cuts(self, batch_rows: int) -> list[tuple[int, int]]:
         """Ascending (key, example id) cut points, in timeline order, splitting the stream into
-        ranges of about ``batch_rows`` rows; ``split_keys=False``: every cut at a key's first row."""
+        ranges of about ``batch_rows`` rows."""
         k = -(-self.seen // batch_rows)
         if k <= 1:
             return []
         key, eid = self._sample()
         order = np.lexsort((eid, key))
         at = order[np.arange(1, k) * len(order) // k]
-        cuts = zip(key[at].tolist(), eid[at].tolist() if split_keys else [_MIN_ID] * len(at))
-        return sorted(set(cuts))
-
-
-_MIN_ID = np.iinfo(np.int64).min
+        return sorted(set(zip(key[at].tolist(), eid[at].tolist())))
 
 
 def _row_groups(path: Path, columns: list[str], key_col: str | None = None, lo=None, hi=None):
@@ -361,13 +359,12 @@ def _scan(files: list[Path], kinds: Sequence[str], rank: int, world_size: int):
 def _kind_parts(cfg, files, kind, sample: KeySample, rank, world_size, old_kind: Path | None, example_days,
                 cutoff, unknown):
     """Per range of the timeline, in order: (timeline columns, codes, examples per day) with offsets
-    local to the range's timeline rows (`_write_kind` adds the rows written before). A full build
-    may cut inside a key: the next range then starts from the key's newest entries (``carry``)."""
-    cuts = sample.cuts(cfg.batch_rows, split_keys=old_kind is None)
-    bounds = [None, *cuts, None]
+    local to the range's timeline rows (`_write_kind` adds the rows written before). A cut may fall
+    inside a key: the next range then starts from what the range before hands over (``edge``)."""
+    bounds = [None, *sample.cuts(cfg.batch_rows), None]
     key_col = f"{kind}_key"
-    old_base = 0  # old timeline rows of the ranges before (it is sorted by key)
-    carry = None
+    old_base = new_base = 0  # timeline rows of the ranges before: existing output (sorted by key), new
+    edge = None
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         table = _rows_in_range(files, ["example_id", "ts", "day", "label", key_col, cf.CODE_COLUMN],
                                key_col, lo, hi, rank, world_size)
@@ -380,18 +377,20 @@ def _kind_parts(cfg, files, kind, sample: KeySample, rank, world_size, old_kind:
             ok &= ~np.isin(sub["key"], unknown)
         if cutoff is not None:
             ok &= sub["ts"] >= cutoff
+        edge = edge if edge is not None and lo is not None and edge[0] == lo[0] else None  # the key goes on
         if old_kind is None:
-            part, carry = _full_part(cfg, sub, codes, ok, example_days, carry if lo is not None and carry is not None
-                                     and carry[0]["key"][0] == lo[0] else None)
-            yield part
+            part, edge = _full_part(cfg, sub, codes, ok, example_days, edge)
         else:
             order = _id_order(sub["example_id"])
             if order is not None:
                 sub, ok, codes = {c: v[order] for c, v in sub.items()}, ok[order], _take(codes, order)
             old_part = _old_range(old_kind, lo, hi, example_days, old_base)
-            old_base += len(old_part[0]["key"])
             is_ex = np.isin(sub["day"], example_days)
-            yield _append_kind(cfg, sub, codes, ok, is_ex, old_part, example_days, cutoff)
+            part, edge = _append_kind(cfg, sub, codes, ok, is_ex, old_part, example_days, cutoff, edge,
+                                      old_base - new_base)
+            old_base += len(old_part[0]["key"])
+        new_base += len(part[0]["key"])
+        yield part
 
 
 def _id_order(eid: np.ndarray) -> np.ndarray | None:
@@ -399,14 +398,14 @@ def _id_order(eid: np.ndarray) -> np.ndarray | None:
     return None if len(eid) < 2 or np.all(eid[1:] > eid[:-1]) else np.argsort(eid, kind="stable")
 
 
-def _full_part(cfg, sub, codes, ok, example_days, carry):
-    """One range of a full build. ``carry``: the newest entries of the range's first key from the
-    ranges before (a key cut in two), enough for its examples here: the latest second's ties plus
-    ``max_len`` before them. They lead the range's timeline and are not written again."""
+def _full_part(cfg, sub, codes, ok, example_days, edge):
+    """One range of a full build. ``edge``: (key, newest entries, their codes) of the range's first
+    key from the ranges before (a key cut in two), enough for its examples here: the latest
+    second's ties plus ``max_len`` before them. They lead the range's timeline, written already."""
     n_carry = 0
     is_ex = np.ones(len(sub["key"]), bool)
-    if carry is not None:
-        c_cols, c_codes = carry
+    if edge is not None:
+        _, c_cols, c_codes = edge
         n_carry = len(c_cols["key"])
         sub = {**{c: np.concatenate([c_cols[c], sub[c]]) for c in ("key", "ts", "example_id", "label")},
                "day": np.concatenate([np.full(n_carry, -1, sub["day"].dtype), sub["day"]])}
@@ -417,7 +416,9 @@ def _full_part(cfg, sub, codes, ok, example_days, carry):
     if order is not None:
         sub, ok, is_ex, codes = {c: v[order] for c, v in sub.items()}, ok[order], is_ex[order], _take(codes, order)
     tl_rows, start, end = build_offsets(sub["key"], sub["ts"], ok, cfg.window_s, cfg.max_len)
-    next_carry = _carry(sub, codes, tl_rows, cfg.max_len)
+    rows = tl_rows[_carry_from(sub["key"][tl_rows], sub["ts"][tl_rows], cfg.max_len):]
+    next_edge = (int(sub["key"][rows[0]]), {c: sub[c][rows] for c in ("key", "ts", "example_id", "label")},
+                 _take(codes, rows)) if len(rows) else None
     tl = {c: sub[c][tl_rows[n_carry:]] for c in ("key", "ts", "example_id", "label")}
     start, end = start - n_carry, end - n_carry  # the carried rows were written with the range before
     ex = np.flatnonzero(is_ex)
@@ -425,22 +426,22 @@ def _full_part(cfg, sub, codes, ok, example_days, carry):
     for d in example_days:
         sel = ex[_day_slice(sub["day"][ex], d)]
         examples[d] = (sub["example_id"][sel], sub["ts"][sel], sub["key"][sel], start[sel], end[sel])
-    return (tl, _take(codes, tl_rows[n_carry:]), examples), next_carry
+    return (tl, _take(codes, tl_rows[n_carry:]), examples), next_edge
 
 
-def _carry(sub, codes, tl_rows, max_len: int):
-    """The newest entries of the range's last key: its latest second's ties plus ``max_len`` more."""
-    if not len(tl_rows):
-        return None
-    key, ts = sub["key"][tl_rows], sub["ts"][tl_rows]
+def _carry_from(key: np.ndarray, ts: np.ndarray, max_len: int) -> int:
+    """Where the newest entries of a timeline's last key start: its latest second's ties plus
+    ``max_len`` more (all a later example of the key can see, and enough to count its ties out)."""
+    if not len(key):
+        return 0
     first_of_key = int(np.searchsorted(key, key[-1]))
-    ties = len(ts) - int(np.searchsorted(ts[first_of_key:], ts[-1])) - first_of_key
-    rows = tl_rows[max(first_of_key, len(tl_rows) - ties - max_len):]
-    return {c: sub[c][rows] for c in ("key", "ts", "example_id", "label")}, _take(codes, rows)
+    ties = len(ts) - first_of_key - int(np.searchsorted(ts[first_of_key:], ts[-1]))
+    return max(first_of_key, len(key) - ties - max_len)
 
 
 def _old_range(folder: Path, lo, hi, example_days, old_base: int):
-    """The existing output's timeline rows and kept examples of keys in [lo, hi), offsets made local."""
+    """The existing output's timeline rows and kept examples from cut ``lo`` to cut ``hi``, offsets
+    made local (negative: into the ranges before, a key cut in two)."""
     t = _rows_in_range([folder / "timeline.parquet"], [c for c, _ in TIMELINE_SCHEMA_BASE] + [cf.CODE_COLUMN],
                        "key", lo, hi)
     tl = {c: t.column(c).to_numpy() for c, _ in TIMELINE_SCHEMA_BASE}
@@ -453,45 +454,72 @@ def _old_range(folder: Path, lo, hi, example_days, old_base: int):
         eid, ts, key, start, end = (e.column(c).to_numpy() for c in EXAMPLES_SCHEMA.names)
         nz = end > start
         start, end = np.where(nz, start - old_base, 0), np.where(nz, end - old_base, 0)
-        if np.any(start < 0) or np.any(end > len(tl["key"])):
+        if np.any(end > len(tl["key"])):
             raise RuntimeError(f"append: {path} has a sequence outside its key's rows of {folder / 'timeline.parquet'}")
         examples[d] = (eid, ts, key, start, end)
     return tl, t.column(cf.CODE_COLUMN), examples
 
 
-def _append_kind(cfg, sub, codes, ok, is_ex, old_kind, example_days, cutoff):
+def _append_kind(cfg, sub, codes, ok, is_ex, old_kind, example_days, cutoff, edge, base_shift: int):
+    """One range of an append: the kept old entries and the new ones merged; old examples remapped,
+    new ones searched. ``edge`` as in `_full_part`, plus the constant by which the first key's kept
+    old entries moved (they stay contiguous); ``base_shift``: old minus new rows of ranges before."""
     o_tl, o_codes, o_examples = old_kind
     keep = o_tl["ts"] >= cutoff if cutoff is not None else np.ones(len(o_tl["ts"]), bool)
     n_keep = int(keep.sum())
     new_rows = np.flatnonzero(ok)
-    m_key = np.concatenate([o_tl["key"][keep], sub["key"][new_rows]])
-    order = np.argsort(m_key, kind="stable")  # old rows precede new ones in time: (key, ts, id) order
-    tl = {c: np.concatenate([o_tl[c][keep], sub[c][new_rows]])[order] for c in ("key", "ts", "example_id", "label")}
-    both = pa.chunked_array(_take(o_codes, np.flatnonzero(keep)).chunks + _take(codes, new_rows).chunks,
-                            type=codes.type)
-    tl_codes = _take(both, order)
+    _, c_cols, c_codes, moved = edge if edge is not None else (None, None, None, None)
+    n_carry = len(c_cols["key"]) if c_cols is not None else 0
+    blocks = ([c_cols] if n_carry else []) + [{c: v[keep] for c, v in o_tl.items()},
+                                              {c: sub[c][new_rows] for c in o_tl}]
+    # carried, old, new rows are in time order per key: a stable sort by key gives (key, ts, id)
+    order = np.argsort(np.concatenate([b["key"] for b in blocks]), kind="stable")
+    tl = {c: np.concatenate([b[c] for b in blocks])[order] for c in ("key", "ts", "example_id", "label")}
+    chunks = (c_codes.chunks if n_carry else []) + _take(o_codes, np.flatnonzero(keep)).chunks \
+        + _take(codes, new_rows).chunks
+    tl_codes = _take(pa.chunked_array(chunks, type=codes.type), order)
     inv = np.empty(len(order), np.int64)
     inv[order] = np.arange(len(order))
     old_to_new = np.full(len(keep), -1, np.int64)
-    old_to_new[keep] = inv[:n_keep]
+    old_to_new[keep] = inv[n_carry:n_carry + n_keep] - n_carry
     examples = {}
     for d in example_days:
         if d in o_examples:
             eid, ts, key, start, end = o_examples[d]
             length = end - start
-            nz = length > 0
+            inside, before = (length > 0) & (start >= 0), (length > 0) & (start < 0)
             new_start = np.zeros_like(start)
-            new_start[nz] = old_to_new[start[nz]]
-            if np.any(new_start[nz] < 0):
+            new_start[inside] = old_to_new[start[inside]]
+            if np.any(new_start[inside] < 0):
                 raise RuntimeError("append: an old sequence references a dropped timeline entry")
-            examples[d] = (eid, ts, key, new_start, np.where(nz, new_start + length, 0))
+            if np.any(before):  # into the ranges before: its key's kept old entries moved by `moved`
+                if moved is None or np.any(key[before] != edge[0]):
+                    raise RuntimeError("append: an old sequence starts outside its key's timeline")
+                new_start[before] = start[before] + base_shift + moved
+            examples[d] = (eid, ts, key, new_start, np.where(length > 0, new_start + length, 0))
     ex = np.flatnonzero(is_ex)
     start, end = query_offsets(tl["key"], tl["ts"], sub["key"][ex], sub["ts"][ex], cfg.window_s, cfg.max_len)
+    start, end = start - n_carry, end - n_carry
     for d in example_days:
         if d not in examples:
             sel = _day_slice(sub["day"][ex], d)
             examples[d] = (sub["example_id"][ex][sel], sub["ts"][ex][sel], sub["key"][ex][sel], start[sel], end[sel])
-    return tl, tl_codes, examples
+    return (({c: v[n_carry:] for c, v in tl.items()}, tl_codes.slice(n_carry), examples),
+            _append_edge(cfg, tl, tl_codes, o_tl, keep, old_to_new, edge, base_shift))
+
+
+def _append_edge(cfg, tl, tl_codes, o_tl, keep, old_to_new, edge, base_shift: int):
+    """What the next range needs if it goes on with this range's last key: its newest entries, and
+    how far its kept old entries moved (new global row minus old global row)."""
+    p = _carry_from(tl["key"], tl["ts"], cfg.max_len)
+    if p == len(tl["key"]):
+        return None
+    key = int(tl["key"][-1])
+    mine = np.flatnonzero(keep & (o_tl["key"] == key))
+    # new global - old global = (new_base + new local) - (old_base + old local)
+    moved = (int(old_to_new[mine[-1]] - mine[-1]) - base_shift if len(mine)
+             else edge[3] if edge is not None and edge[0] == key else None)
+    return key, {c: v[p:] for c, v in tl.items()}, tl_codes.slice(p), moved
 
 
 def _take(codes: pa.Array | pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
