@@ -117,10 +117,22 @@ def run_duckdb(compress: Path, out: Path, max_len: int, window_days: float) -> d
     return {"seconds": time.perf_counter() - t0}
 
 
+def _peak_mb() -> float:
+    """This process's peak RSS: VmHWM, not ru_maxrss, which Linux carries over from the forked
+    parent across exec (the parent holding the generated rows would be reported instead)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args) -> None:
     fn = run_loopfm if args.child == "loopfm" else run_duckdb
     res = fn(Path(args.compress), Path(args.child_out), args.max_len, args.window_days)
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the build only
+    res["peak_rss_mb"] = _peak_mb()  # the build only
     if args.child == "loopfm":
         res["reader"] = run_reader(Path(args.child_out))
     print("RESULT " + json.dumps(res))

@@ -58,6 +58,7 @@ def input_fingerprint(data: DataConfig) -> dict[str, list]:
 def stage_hashes(cfg: LoopFMConfig) -> dict[str, str]:
     """The config hash of every stage, each chained to the one before it."""
     from loopfm.fm.train import fm_hash_payload
+    from loopfm.stages.sequences import hash_payload as sequences_hash_payload
 
     h = {"prepare": config_hash({"seed": cfg.seed, "data": cfg.data, "inputs": input_fingerprint(cfg.data)})}
     h["train-fm"] = config_hash({"up": h["prepare"], "seed": cfg.seed, "fm": fm_hash_payload(cfg.fm)})
@@ -65,7 +66,7 @@ def stage_hashes(cfg: LoopFMConfig) -> dict[str, str]:
     # With compress.fit_days empty the fit days are "every extract day but the test day".
     held_out = {} if cfg.compress.fit_days else {"test_day": cfg.vm.test_day}
     h["compress"] = config_hash({"up": h["extract"], "compress": cfg.compress, **held_out})
-    h["build-sequences"] = config_hash({"up": h["compress"], "sequences": cfg.sequences})
+    h["build-sequences"] = config_hash({"up": h["compress"], "sequences": sequences_hash_payload(cfg.sequences)})
     h["train-vm"] = config_hash({"up": h["build-sequences"], "vm": cfg.vm})
     return h
 

@@ -103,6 +103,6 @@ def check_rank(rank: int, world_size: int) -> None:
 
 
 def hash_config(cfg: Any, *upstream: str) -> str:
-    """A stable hash of a config dataclass plus the config hashes of the stage's inputs."""
-    data = {"cfg": dataclasses.asdict(cfg), "upstream": list(upstream)}
+    """A stable hash of a config dataclass (or its dict) plus the config hashes of the stage's inputs."""
+    data = {"cfg": cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg), "upstream": list(upstream)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -374,3 +375,129 @@ def test_config_checks():
         SequencesConfig(window_days=0)
     with pytest.raises(ValueError, match="entry_labels"):
         SequencesConfig(entry_labels="watched")
+
+
+# -- bounded memory: key ranges built one at a time give the same files ---------------------------
+def _same_output(a: Path, b: Path, *, same_hash: bool = True) -> None:
+    """Every data file the same bytes; the manifests equal but for the time (and the hash, where
+    one output was appended to: its hash chains the old output's)."""
+    def files(root):
+        return {p.relative_to(root): p for p in sorted(root.rglob("*")) if p.is_file()}
+    fa, fb = files(a), files(b)
+    assert fa.keys() == fb.keys()
+    for rel in fa:
+        if rel.name != MANIFEST:
+            assert fa[rel].read_bytes() == fb[rel].read_bytes(), rel
+            continue
+        ma, mb = read_manifest(fa[rel].parent), read_manifest(fb[rel].parent)
+        for m in (ma, mb):
+            m.pop("created_unix")
+            if not same_hash:
+                m.pop("config_hash")
+        assert ma == mb, rel
+
+
+def _count_ranges(monkeypatch) -> list[int]:
+    """Patches the per-range builders to count the key ranges built (full, append)."""
+    calls = [0, 0]
+    full, append = seq._full_part, seq._append_kind
+
+    def counted_full(*a, **k):
+        calls[0] += 1
+        return full(*a, **k)
+
+    def counted_append(*a, **k):
+        calls[1] += 1
+        return append(*a, **k)
+    monkeypatch.setattr(seq, "_full_part", counted_full)
+    monkeypatch.setattr(seq, "_append_kind", counted_append)
+    return calls
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_key_ranges_write_the_same_bytes(run_dir, tmp_path, monkeypatch, world_size):
+    """Many key ranges (tiny batch_rows), several row groups per file and a merge of tiny blocks:
+    the same bytes as one range, for user and item timelines, a full build and an append."""
+    monkeypatch.setattr(seq, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(seq, "_MERGE_ROWS", 16)
+    calls = _count_ranges(monkeypatch)
+    base = dict(keys=["user", "item"], max_len=4, window_days=1.0, keep_days=3)
+
+    def build(out, append=False, **kw):
+        for r in range(world_size):
+            run_build_sequences(SequencesConfig(**base, **kw), run_dir / "compress", tmp_path / out, rank=r,
+                                world_size=world_size, append_dir=tmp_path / out if append else None,
+                                progress=False)
+
+    build("one")
+    assert calls == [2 * world_size, 0]  # one range per kind and rank
+    build("many", batch_rows=60)
+    assert calls[0] > 2 * world_size + 20
+    _same_output(tmp_path / "one", tmp_path / "many")
+    build("append", days=[1, 2], batch_rows=45)
+    build("append", append=True, batch_rows=45)
+    assert calls[1] > 20
+    _same_output(tmp_path / "one", tmp_path / "append", same_hash=False)
+    # The row groups are those of the whole table written at once (the code before ranges).
+    for kind in ("user", "item"):
+        folder = tmp_path / "one" / (cf.shard_dir(".", 1) if world_size > 1 else ".") / kind
+        for path, options in [(folder / "timeline.parquet", {"use_dictionary": ["label"]}),
+                              (folder / "examples" / "day=4.parquet", {"use_dictionary": False})]:
+            whole = pa.BufferOutputStream()
+            pq.write_table(pq.read_table(path), whole, row_group_size=64, **options)
+            assert pq.ParquetFile(path).num_row_groups > 1
+            assert whole.getvalue().to_pybytes() == path.read_bytes(), path
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(event_logs(max_rows=40), st.integers(1, 6), st.sampled_from([1, 2]))
+def test_key_ranges_on_random_logs(monkeypatch, log, batch_rows, world_size):
+    """Heavy keys, empty ranges, extreme int64 keys: any batch_rows, the same files."""
+    monkeypatch.setattr(seq, "ROW_GROUP_ROWS", 5)
+    monkeypatch.setattr(seq, "_MERGE_ROWS", 3)
+    keys, ts, label, window, max_len, entry_labels = log
+    n = len(keys)
+    if n < 3:
+        return
+    day = (np.arange(n) * 3 // n + 1).astype(np.int32)
+    cfg = dict(keys=["user", "item"], max_len=max_len, window_days=window / DAY, entry_labels=entry_labels,
+               skip_unknown_keys=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_compress(tmp / "c", key=keys, ts=ts, label=label, day=day)
+        for r in range(world_size):
+            for out, kw in (("one", {}), ("many", dict(batch_rows=batch_rows)),
+                            ("append", dict(batch_rows=batch_rows, days=[1, 2]))):
+                run_build_sequences(SequencesConfig(**cfg, **kw), tmp / "c", tmp / out, rank=r,
+                                    world_size=world_size, progress=False)
+        for r in range(world_size):
+            run_build_sequences(SequencesConfig(**cfg, batch_rows=batch_rows), tmp / "c", tmp / "append",
+                                append_dir=tmp / "append", rank=r, world_size=world_size, progress=False)
+        _same_output(tmp / "one", tmp / "many")
+        _same_output(tmp / "one", tmp / "append", same_hash=False)
+
+
+def test_key_sample_is_bounded_and_cuts_evenly():
+    rng = np.random.default_rng(0)
+    keys = rng.zipf(1.5, 100_000).astype(np.int64)  # key 1 alone holds about 40% of the rows
+    eids = np.arange(len(keys), dtype=np.int64)
+    sample = seq.KeySample(cap=1000)
+    for chunk in np.array_split(np.arange(len(keys)), 37):
+        sample.add(keys[chunk], eids[chunk])
+    assert sample.size <= 1000 and sample.seen == len(keys)
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in sample.parts]), keys[::sample.stride])
+    cuts = sample.cuts(10_000)  # inside heavy keys too: ranges of about batch_rows rows each
+    order = np.lexsort((eids, keys))
+    rank = np.empty(len(keys), np.int64)
+    rank[order] = np.arange(len(keys))
+    cut_rank = [int(rank[(keys == k) & (eids == e)][0]) for k, e in cuts]
+    sizes = np.diff([0, *cut_rank, len(keys)])
+    assert len(sizes) == 10 and sizes.max() < 15_000
+    assert seq.KeySample().cuts(1) == []  # no rows, one (empty) range
+
+
+def test_batch_rows_is_checked_and_not_hashed():
+    with pytest.raises(ValueError, match="batch_rows"):
+        SequencesConfig(batch_rows=0)
+    assert seq.hash_payload(SequencesConfig(batch_rows=7)) == seq.hash_payload(SequencesConfig())
