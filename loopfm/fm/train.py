@@ -18,6 +18,7 @@ Folders (``OUT`` is ``RUN_DIR/fm``):
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -111,8 +112,28 @@ def train_fm(cfg: FMConfig, data_dir: str | Path, out_dir: str | Path, *, seed: 
             dist.destroy_process_group()
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the system; False where
+    the C library is not glibc (nothing changes there).
+
+    By default glibc maps every large block (any tensor above a few hundred KB) afresh and unmaps
+    it when freed, so each training step page-faults and zero-fills its activations again: about
+    15% of the FM's CPU step (system time). With the thresholds raised, freed blocks stay in the
+    heap and the next step reuses them; the peak memory is the same, it is just not given back
+    between steps."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(mallopt(option, value) == 1 for option, value in
+               ((m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)))
+
+
 def init_distributed(device: str, threads: int = 0) -> DistContext:
-    """gloo on CPU, nccl on GPU; env:// under torchrun, else a one-process group."""
+    """gloo on CPU, nccl on GPU; env:// under torchrun, else a one-process group. Also sets the
+    process's torch threads and its allocator (`keep_freed_memory`)."""
+    keep_freed_memory()
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("fm.parallel.device=cuda but no CUDA device is available")
