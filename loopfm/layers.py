@@ -45,28 +45,36 @@ def shared_rows(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor] | None:
     ``x[first][inverse]`` equals ``x`` exactly, ``first`` [U] holding one row index per distinct row;
     None when every row is distinct.
 
-    Rows are grouped by a fingerprint, an integer weighted sum of their bytes (16 bits at a time)
-    computed exactly in float64 (every partial sum stays below 2**53, so identical rows get
-    identical fingerprints whatever the summation order), then every row is compared exactly with its group's first row; if two
-    different rows ever shared a fingerprint, the batch counts as all distinct (None): a grouping
-    is never wrong, at worst missed.
+    Rows are grouped by a fingerprint, an integer weighted sum of their bytes (32 bits at a time;
+    16 for rows of 16 KB or more) plus their length, computed exactly in float64 (every partial sum stays below
+    2**53, so identical rows get identical fingerprints whatever the summation order), then every
+    row is compared exactly with its group's first row; if two different rows ever shared a
+    fingerprint, the batch counts as all distinct (None): a grouping is never wrong, at worst missed.
     """
     B = x.shape[0]
     if B < 2:
         return None
-    flat = x.detach().reshape(B, -1)
-    words = flat.contiguous().view(torch.int16).to(torch.float64)  # |word| <= 2**15
+    flat = x.detach().reshape(B, -1).contiguous()
+    nbytes = flat.shape[1] * flat.element_size()
+    # |sum| < 2**52: |word| <= 2**31, weights <= 2**9, fewer than 2**12 words; or 2**15, 2**16, 2**21
+    if nbytes % 4 == 0 and nbytes < 4 * 2**12:
+        words, modulus = flat.view(torch.int32).to(torch.float64), 509
+    else:
+        words, modulus = flat.view(torch.int16).to(torch.float64), 65521
     n = words.shape[1]
-    weights = (torch.arange(n, dtype=torch.float64, device=x.device) * 40503 % 65521) + 1  # in [1, 2**16)
-    key = words @ weights + lengths.to(torch.float64) * 2.0 ** 32  # exact while n < 2**21
+    weights = (torch.arange(n, dtype=torch.float64, device=x.device) * 40503 % modulus) + 1
+    key = words @ weights + lengths.to(torch.float64)  # lengths < 2**31: still below 2**53, exact
     _, inverse = torch.unique(key, return_inverse=True)
     U = int(inverse.max()) + 1
     if U == B:
         return None
     first = torch.full((U,), B, dtype=torch.long, device=x.device).scatter_reduce_(
         0, inverse, torch.arange(B, device=x.device), "amin")
-    rep = first[inverse]
-    if not (torch.equal(flat[rep], flat) and torch.equal(lengths[rep], lengths)):
+    rep = first.index_select(0, inverse)
+    again = (rep != torch.arange(B, device=x.device)).nonzero().squeeze(1)  # rows after their group's first
+    rep = rep.index_select(0, again)
+    if not (torch.equal(flat.index_select(0, again), flat.index_select(0, rep))
+            and torch.equal(lengths.index_select(0, again), lengths.index_select(0, rep))):
         return None
     return first, inverse
 

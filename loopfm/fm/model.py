@@ -100,7 +100,7 @@ class DMIN(nn.Module):
         h = torch.cat([h, h.new_zeros(1, D)]).view(N + 1, H, hd).transpose(0, 1).reshape(H * (N + 1), hd)
         h = h.index_select(0, (src[None] + (N + 1) * torch.arange(H, device=src.device)[:, None, None]).view(-1))
         h = h.view(H * B, L, hd)
-        q = self.target(target).view(B, H, hd).transpose(0, 1)  # [H, B, hd]
+        q = self.target(target).view(B, H, hd).transpose(0, 1).contiguous()  # [H, B, hd]
         # All heads' units at once, each on its own weights. Their first layer's input
         # [h, q, h*q, h-q, position] is never built: per row one matmul with the key weights
         # into which q is folded (`din_unit_input`), plus the row's q W_q + b and the slot's
@@ -109,13 +109,14 @@ class DMIN(nn.Module):
         w = torch.stack([f.weight for f in first_layers])  # [H, hidden, 4 hd + P]
         w_h, w_q, w_prod, w_diff, w_pos = w.split([hd, hd, hd, hd, w.shape[-1] - 4 * hd], dim=-1)
         bias = torch.stack([f.bias for f in first_layers])  # [H, hidden]
-        per_key = (w_h + w_diff).transpose(1, 2).unsqueeze(1) + q.unsqueeze(-1) * w_prod.transpose(1, 2).unsqueeze(1)
+        w_key, w_prod = (w_h + w_diff).transpose(1, 2).contiguous(), w_prod.transpose(1, 2).contiguous()
+        per_key = torch.addcmul(w_key.unsqueeze(1), q.unsqueeze(-1), w_prod.unsqueeze(1))  # [H, B, hd, hidden]
         per_row = torch.baddbmm(bias.unsqueeze(1), q, (w_q - w_diff).transpose(1, 2))  # [H, B, hidden]
         per_slot = torch.matmul(self.position.weight.flip(0), w_pos.transpose(1, 2))  # [H, L, hidden]
         rest = (per_row.unsqueeze(2) + per_slot.unsqueeze(1)).view(H * B, L, -1)
-        x = torch.baddbmm(rest, h, per_key.reshape(H * B, hd, -1))  # [H B, L, hidden]
+        x = torch.baddbmm(rest, h, per_key.view(H * B, hd, -1))  # [H B, L, hidden]
         depth = len(self.units[0])  # Linear, ReLU, Linear, ReLU, ..., Linear
-        x = (torch.relu(x) if depth > 1 else x).view(H, B * L, -1)
+        x = (x.relu_() if depth > 1 else x).view(H, B * L, -1)  # in place: baddbmm's backward needs no output
         for j in range(2, depth, 2):  # the units' remaining layers
             lin = [unit[j] for unit in self.units]
             x = torch.baddbmm(torch.stack([f.bias for f in lin]).unsqueeze(1), x,
