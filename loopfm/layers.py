@@ -5,15 +5,16 @@ positions ``>= length`` are padding, masked out (`length_mask`) and never able t
 output; an empty sequence pools to zeros.
 
 Speed notes (CPU, one thread, 50-long histories): self-attention runs through
-`F.scaled_dot_product_attention` with one additive float mask (fused scale + mask + softmax, no
-[B, H, L, L] intermediate copies) and one QKV matmul; DIN-style attention units never build the
-[q, k, q⊙k, k−q] concatenation per position: their first linear layer is split into a per-key
-part (one batched matmul whose per-example matrix folds in q⊙), a per-query part computed once per
-example, and (for position features) a projected table looked up per position. `shared_rows`
-finds the rows of a batch that repeat a sequence (impressions of one page view share their
-user's history), so that work depending on the sequence alone is done once per distinct row.
-Parameters and their names are those of the plain formulation, so results match it up to float
-rounding.
+`F.scaled_dot_product_attention` with one additive float mask and one QKV matmul; on packed
+sequences (`SelfAttention.forward_packed`: the real positions only, `length_buckets` cutting the
+attention into buckets of similar lengths) as batched matmuls, faster than SDPA's kernel at these
+sizes. DIN-style attention units never build the [q, k, q⊙k, k−q] concatenation per position:
+their first linear layer is split into a per-key part (one batched matmul whose per-example
+matrix folds in q⊙), a per-query part computed once per example, and (for position features) a
+projected table looked up per position. `shared_rows` finds the rows of a batch that repeat a
+sequence (impressions of one page view share their user's history), so that work depending on
+the sequence alone is done once per distinct row. Parameters and their names are those of the
+plain formulation, so results match it up to float rounding.
 """
 from __future__ import annotations
 

@@ -68,47 +68,57 @@ class DMIN(nn.Module):
         self.out_dim = d_model
 
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Interests [B, H * hd] of left-aligned histories seq [B, L, S] with their targets [B, S].
+        """Interests [B, H * hd] of left-aligned histories seq [B, L, S] with their targets [B, S]."""
+        B, H, hd = seq.shape[0], self.h, self.hd
+        h, real = self.histories(seq, lengths.to(torch.long))  # [H B, L, hd], [B, L]
+        q = self.target(target).view(B, H, hd).transpose(0, 1).contiguous()  # [H, B, hd]
+        score = self.scores(h, q).view(H, B, self.L)
+        weights = torch.softmax(score.masked_fill(~real, NEG), dim=-1) * real  # [H, B, L]
+        # a broadcast product and a sum: bmm with a single output row is several times slower on CPU
+        interests = (weights.view(H * B, self.L, 1) * h).sum(1)  # [H B, hd]; an empty history: zeros
+        return interests.view(H, B, hd).transpose(0, 1).reshape(B, H * hd)
 
-        Everything runs on the real positions only, packed one row after another (histories are
-        padded to L; a softmax over a row's real positions is the masked one). Both self-attention
-        layers see only the history, not the target: rows with the same history (impressions of
-        one page view, ratings given in one session) are encoded once, and gathered per row for
-        the target attention (exact: the gradient of a shared history sums its rows')."""
+    def histories(self, seq: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's history after the refiner and the extractor, per head, right-aligned:
+        [H B, L, hd] (slot L - length + i holds position i; padding slots are zeros) and the
+        mask of its real slots [B, L]. Right-aligned, the recency of a slot (L - 1 - slot) is
+        the same in every row.
+
+        Both self-attention layers see only the history, not the target: rows with the same
+        history (impressions of one page view, ratings given in one session) are encoded once
+        and gathered back (exact: the gradient of a shared history sums its rows'), on their
+        real positions only, packed one after another, longest first (`length_buckets`)."""
         B, L, H, hd = seq.shape[0], self.L, self.h, self.hd
         steps = torch.arange(L, device=lengths.device)
-        lengths = lengths.to(torch.long)
         shared = shared_rows(seq, lengths)
         first, inverse = shared if shared is not None else (torch.arange(B, device=seq.device),) * 2
-        # distinct histories longest first (for the attention buckets), packed one after another
         order = torch.argsort(lengths[first], descending=True, stable=True)
         first = first[order]
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         inverse, hist_len = rank[inverse], lengths[first]
-        hist_real = steps[None] < hist_len[:, None]  # [U, L]
-        x = seq.reshape(B * L, -1).index_select(0, (first[:, None] * L + steps[None])[hist_real])
+        x = seq.reshape(B * L, -1).index_select(0, (first[:, None] * L + steps[None])[steps[None] < hist_len[:, None]])
         buckets = length_buckets(hist_len, x.dtype)
         h = self.extractor.forward_packed(self.refiner.forward_packed(self.inp(x), buckets), buckets)  # [N, D]
-        hist_start = torch.cumsum(hist_len, 0) - hist_len
-
-        # Per row its history's real positions, gathered from the distinct ones and right-aligned
-        # in [B, L] (slot L - length + i holds position i): the recency of a slot, L - 1 - slot,
-        # is then the same in every row. Padding slots read a zero row.
         N, D = h.shape
-        real = steps[None] >= (L - lengths)[:, None]  # [B, L]
-        src = torch.where(real, (hist_start[inverse] - L + lengths)[:, None] + steps[None], N)
+        real = steps[None] >= (L - lengths)[:, None]
+        hist_start = torch.cumsum(hist_len, 0) - hist_len
+        src = torch.where(real, (hist_start[inverse] - L + lengths)[:, None] + steps[None], N)  # N: a zero row
         h = torch.cat([h, h.new_zeros(1, D)]).view(N + 1, H, hd).transpose(0, 1).reshape(H * (N + 1), hd)
         h = h.index_select(0, (src[None] + (N + 1) * torch.arange(H, device=src.device)[:, None, None]).view(-1))
-        h = h.view(H * B, L, hd)
-        q = self.target(target).view(B, H, hd).transpose(0, 1).contiguous()  # [H, B, hd]
-        # All heads' units at once, each on its own weights. Their first layer's input
-        # [h, q, h*q, h-q, position] is never built: per row one matmul with the key weights
-        # into which q is folded (`din_unit_input`), plus the row's q W_q + b and the slot's
-        # projected position embedding.
-        first_layers = [unit[0] for unit in self.units]
-        w = torch.stack([f.weight for f in first_layers])  # [H, hidden, 4 hd + P]
+        return h.view(H * B, L, hd), real
+
+    def scores(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The target-attention units' scores [H, B L, 1] of right-aligned histories h [H B, L, hd]
+        for queries q [H, B, hd]: all heads at once, each on its own weights. Their first layer's
+        input [h, q, h*q, h-q, position] is never built: per row one matmul with the key weights
+        into which q is folded (as `din_unit_input`), plus the row's q W_q + b and the slot's
+        projected position embedding."""
+        H, B, hd = q.shape
+        L = self.L
+        first = [unit[0] for unit in self.units]
+        w = torch.stack([f.weight for f in first])  # [H, hidden, 4 hd + P]
         w_h, w_q, w_prod, w_diff, w_pos = w.split([hd, hd, hd, hd, w.shape[-1] - 4 * hd], dim=-1)
-        bias = torch.stack([f.bias for f in first_layers])  # [H, hidden]
+        bias = torch.stack([f.bias for f in first])  # [H, hidden]
         w_key, w_prod = (w_h + w_diff).transpose(1, 2).contiguous(), w_prod.transpose(1, 2).contiguous()
         per_key = torch.addcmul(w_key.unsqueeze(1), q.unsqueeze(-1), w_prod.unsqueeze(1))  # [H, B, hd, hidden]
         per_row = torch.baddbmm(bias.unsqueeze(1), q, (w_q - w_diff).transpose(1, 2))  # [H, B, hidden]
@@ -123,10 +133,7 @@ class DMIN(nn.Module):
                               torch.stack([f.weight for f in lin]).transpose(1, 2))
             if j + 1 < depth:
                 x = torch.relu(x)
-        weights = torch.softmax(x.view(H, B, L).masked_fill(~real, NEG), dim=-1) * real  # [H, B, L]
-        # a broadcast product and a sum: bmm with a single output row is several times slower on CPU
-        interests = (weights.view(H * B, L, 1) * h).sum(1)  # [H B, hd]; an empty history: zeros
-        return interests.view(H, B, hd).transpose(0, 1).reshape(B, H * hd)
+        return x
 
 
 class FoundationModel(nn.Module):
