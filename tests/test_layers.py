@@ -10,7 +10,9 @@ import torch
 
 from loopfm.fm.config import ModelConfig
 from loopfm.fm.model import DMIN
-from loopfm.layers import NEG, DINAttention, SelfAttention, additive_key_mask, length_mask, shared_rows
+import loopfm.layers
+from loopfm.layers import (NEG, DINAttention, SelfAttention, additive_key_mask, length_buckets, length_mask,
+                           shared_rows)
 
 
 def _plain_self_attention(layer: SelfAttention, x, mask):
@@ -90,6 +92,81 @@ def test_dmin_encodes_a_shared_history_once_and_equals_the_plain_formulation():
         rows = pick == k
         torch.testing.assert_close(seq.grad[rows].sum(0), seq_p.grad[rows].sum(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(target.grad, target_p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bucket_cost", [0, 200, 10**9])  # a bucket per length, a few, one
+def test_dmin_over_length_buckets_equals_the_plain_formulation(monkeypatch, bucket_cost):
+    """Many lengths (0 to L, some repeated, histories shared by several rows): values and
+    gradients equal the plain formulation's however the attention is cut into buckets."""
+    monkeypatch.setattr(loopfm.layers, "BUCKET_COST", bucket_cost)
+    torch.manual_seed(4)
+    cfg = ModelConfig(arch="dmin", num_heads=2, head_dim=4, attention_mlp=[6, 5], position_dim=3)
+    m = DMIN(seq_dim=5, seq_len=12, cfg=cfg)
+    base_len = torch.tensor([12, 12, 12, 11, 9, 9, 7, 4, 3, 1, 0, 12, 6, 2])
+    pick = torch.cat([torch.arange(14), torch.tensor([0, 0, 4, 7, 10, 13, 13, 2])])
+    lengths = base_len[pick]
+    seq = torch.randn(14, 12, 5)[pick].requires_grad_()
+    target = torch.randn(len(pick), 5, requires_grad=True)
+    fast = m(seq, lengths, target)
+    seq_p, target_p = seq.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
+    plain = _plain_dmin(m, seq_p, lengths, target_p)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(fast)
+    gf, gp = _grads(m, fast, g), _grads(m, plain, g)
+    assert gf.keys() == gp.keys()
+    for name in gp:
+        torch.testing.assert_close(gf[name], gp[name], rtol=1e-4, atol=1e-5, msg=name)
+    for k in range(14):
+        rows = pick == k
+        torch.testing.assert_close(seq.grad[rows].sum(0), seq_p.grad[rows].sum(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(target.grad, target_p.grad, rtol=1e-4, atol=1e-5)
+    assert fast[pick == 10].abs().max() == 0  # the empty history
+
+
+def test_dmin_on_a_batch_of_empty_histories_gives_zeros_and_reaches_every_parameter():
+    torch.manual_seed(6)
+    m = DMIN(seq_dim=5, seq_len=6, cfg=ModelConfig(arch="dmin", num_heads=2, head_dim=4, attention_mlp=[6],
+                                                    position_dim=3))
+    out = m(torch.randn(4, 6, 5), torch.zeros(4, dtype=torch.int32), torch.randn(4, 5))
+    assert torch.equal(out, torch.zeros(4, 8))
+    out.sum().backward()  # every parameter in the graph (DDP expects a gradient for each)
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_length_buckets_cover_every_real_position_once(monkeypatch):
+    lengths = torch.tensor([9, 9, 9, 8, 5, 5, 2, 0, 0])
+    packed = torch.arange(int(lengths.sum()))
+    monkeypatch.setattr(loopfm.layers, "BUCKET_COST", 10**9)
+    one = length_buckets(lengths, torch.float32)
+    assert one.shapes == [(7, 9)]  # the empty rows join no bucket
+    monkeypatch.setattr(loopfm.layers, "BUCKET_COST", 0)
+    each = length_buckets(lengths, torch.float32)
+    assert each.shapes == [(3, 9), (1, 8), (2, 5), (1, 2)] and each.key_masks == [None] * 4
+    assert each.pad is None and each.real is None  # equal lengths in every bucket: nothing padded
+    monkeypatch.setattr(loopfm.layers, "BUCKET_COST", 30)  # (4 x 81 + 30) + (3 x 25 + 30) is the cheapest
+    two = length_buckets(lengths, torch.float32)
+    assert two.shapes == [(4, 9), (3, 5)]
+    for b in (one, two):
+        assert torch.equal(packed.index_select(0, b.pad).index_select(0, b.real), packed)
+        slots = packed.index_select(0, b.pad)
+        assert slots.numel() == sum(r * n for r, n in b.shapes)
+    # padding slots of a bucket are masked out of its keys
+    assert (two.key_masks[0][3, 0, 0] == torch.tensor([0.0] * 8 + [NEG])).all()
+    assert length_buckets(torch.zeros(3, dtype=torch.long), torch.float32).shapes == []
+
+
+def test_packed_self_attention_equals_the_padded_one(monkeypatch):
+    monkeypatch.setattr(loopfm.layers, "BUCKET_COST", 20)
+    torch.manual_seed(5)
+    layer = SelfAttention(8, 2)
+    lengths = torch.tensor([6, 6, 5, 3, 3, 1, 0])
+    x = torch.randn(7, 6, 8)
+    real = length_mask(lengths, 6)
+    buckets = length_buckets(lengths, x.dtype)
+    assert len(buckets.shapes) > 1
+    packed = layer.forward_packed(x[real], buckets)
+    padded = _plain_self_attention(layer, x, real)[real]
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
 
 
 def test_shared_rows_groups_exactly_equal_rows_only():

@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from loopfm.fm.autoencoder import MatryoshkaAutoencoder
 from loopfm.fm.config import AutoencoderConfig, ModelConfig
 from loopfm.fm.features import FeatureLayout
-from loopfm.layers import MLP, NEG, SelfAttention, additive_key_mask, din_unit_input, length_mask, shared_rows
+from loopfm.layers import MLP, NEG, SelfAttention, length_buckets, shared_rows
 
 
 class Tower(nn.Module):
@@ -67,48 +67,73 @@ class DMIN(nn.Module):
                                    for _ in range(cfg.num_heads))
         self.out_dim = d_model
 
-    def histories(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Each row's history after the refiner and the extractor, per head: [H, B, L, hd].
+    def forward(self, seq: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Interests [B, H * hd] of left-aligned histories seq [B, L, S] with their targets [B, S]."""
+        B, H, hd = seq.shape[0], self.h, self.hd
+        h, real = self.histories(seq, lengths.to(torch.long))  # [H B, L, hd], [B, L]
+        q = self.target(target).view(B, H, hd).transpose(0, 1).contiguous()  # [H, B, hd]
+        score = self.scores(h, q).view(H, B, self.L)
+        weights = torch.softmax(score.masked_fill(~real, NEG), dim=-1) * real  # [H, B, L]
+        # a broadcast product and a sum: bmm with a single output row is several times slower on CPU
+        interests = (weights.view(H * B, self.L, 1) * h).sum(1)  # [H B, hd]; an empty history: zeros
+        return interests.view(H, B, hd).transpose(0, 1).reshape(B, H * hd)
+
+    def histories(self, seq: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's history after the refiner and the extractor, per head, right-aligned:
+        [H B, L, hd] (slot L - length + i holds position i; padding slots are zeros) and the
+        mask of its real slots [B, L]. Right-aligned, the recency of a slot (L - 1 - slot) is
+        the same in every row.
 
         Both self-attention layers see only the history, not the target: rows with the same
         history (impressions of one page view, ratings given in one session) are encoded once
-        and gathered back, which is exact (the gradient of a shared history sums its rows')."""
+        and gathered back (exact: the gradient of a shared history sums its rows'), on their
+        real positions only, packed one after another, longest first (`length_buckets`)."""
+        B, L, H, hd = seq.shape[0], self.L, self.h, self.hd
+        steps = torch.arange(L, device=lengths.device)
         shared = shared_rows(seq, lengths)
-        if shared is not None:
-            seq, lengths = seq[shared[0]], lengths[shared[0]]
-        key_mask = additive_key_mask(length_mask(lengths, self.L), seq.dtype)
-        h = self.extractor(self.refiner(self.inp(seq), key_mask), key_mask)
-        h = h.view(-1, self.L, self.h, self.hd).permute(2, 0, 1, 3)
-        return h.contiguous() if shared is None else h.index_select(1, shared[1])
+        first, inverse = shared if shared is not None else (torch.arange(B, device=seq.device),) * 2
+        order = torch.argsort(lengths[first], descending=True, stable=True)
+        first = first[order]
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        inverse, hist_len = rank[inverse], lengths[first]
+        x = seq.reshape(B * L, -1).index_select(0, (first[:, None] * L + steps[None])[steps[None] < hist_len[:, None]])
+        buckets = length_buckets(hist_len, x.dtype)
+        h = self.extractor.forward_packed(self.refiner.forward_packed(self.inp(x), buckets), buckets)  # [N, D]
+        N, D = h.shape
+        real = steps[None] >= (L - lengths)[:, None]
+        hist_start = torch.cumsum(hist_len, 0) - hist_len
+        src = torch.where(real, (hist_start[inverse] - L + lengths)[:, None] + steps[None], N)  # N: a zero row
+        h = torch.cat([h, h.new_zeros(1, D)]).view(N + 1, H, hd).transpose(0, 1).reshape(H * (N + 1), hd)
+        h = h.index_select(0, (src[None] + (N + 1) * torch.arange(H, device=src.device)[:, None, None]).view(-1))
+        return h.view(H * B, L, hd), real
 
-    def forward(self, seq: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        B, H, hd = seq.shape[0], self.h, self.hd
-        steps = torch.arange(self.L, device=lengths.device)
-        mask = steps.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]; sequences are left-aligned
-        recency = (lengths.unsqueeze(1) - 1 - steps.unsqueeze(0)).clamp(min=0)  # 0 = newest
-        h = self.histories(seq, lengths)  # [H, B, L, hd]
-        q = self.target(target).view(B, H, hd).transpose(0, 1)  # [H, B, hd]
-        # All heads' units at once, each on its own weights: the unit input [h, q, h*q, h-q, pos]
-        # is never built (see `din_unit_input`); the position part is a projected table lookup.
+    def scores(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The target-attention units' scores [H, B L, 1] of right-aligned histories h [H B, L, hd]
+        for queries q [H, B, hd]: all heads at once, each on its own weights. Their first layer's
+        input [h, q, h*q, h-q, position] is never built: per row one matmul with the key weights
+        into which q is folded (as `din_unit_input`), plus the row's q W_q + b and the slot's
+        projected position embedding."""
+        H, B, hd = q.shape
+        L = self.L
         first = [unit[0] for unit in self.units]
         w = torch.stack([f.weight for f in first])  # [H, hidden, 4 hd + P]
         w_h, w_q, w_prod, w_diff, w_pos = w.split([hd, hd, hd, hd, w.shape[-1] - 4 * hd], dim=-1)
         bias = torch.stack([f.bias for f in first])  # [H, hidden]
-        x = din_unit_input(h, q, (w_h + w_diff).unsqueeze(1), (w_q - w_diff).unsqueeze(1),
-                           w_prod.unsqueeze(1), bias.unsqueeze(1))  # [H, B, L, hidden]
-        x = x + torch.matmul(self.position.weight, w_pos.transpose(1, 2))[:, recency]
+        w_key, w_prod = (w_h + w_diff).transpose(1, 2).contiguous(), w_prod.transpose(1, 2).contiguous()
+        per_key = torch.addcmul(w_key.unsqueeze(1), q.unsqueeze(-1), w_prod.unsqueeze(1))  # [H, B, hd, hidden]
+        per_row = torch.baddbmm(bias.unsqueeze(1), q, (w_q - w_diff).transpose(1, 2))  # [H, B, hidden]
+        per_slot = torch.matmul(self.position.weight.flip(0), w_pos.transpose(1, 2))  # [H, L, hidden]
+        rest = (per_row.unsqueeze(2) + per_slot.unsqueeze(1)).view(H * B, L, -1)
+        x = torch.baddbmm(rest, h, per_key.view(H * B, hd, -1))  # [H B, L, hidden]
         depth = len(self.units[0])  # Linear, ReLU, Linear, ReLU, ..., Linear
-        x = (torch.relu(x) if depth > 1 else x).reshape(H, B * self.L, -1)
+        x = (x.relu_() if depth > 1 else x).view(H, B * L, -1)  # in place: baddbmm's backward needs no output
         for j in range(2, depth, 2):  # the units' remaining layers
             lin = [unit[j] for unit in self.units]
             x = torch.baddbmm(torch.stack([f.bias for f in lin]).unsqueeze(1), x,
                               torch.stack([f.weight for f in lin]).transpose(1, 2))
             if j + 1 < depth:
                 x = torch.relu(x)
-        score = x.view(H, B, self.L)
-        weights = torch.softmax(score.masked_fill(~mask, NEG), dim=-1) * mask  # [H, B, L]
-        interests = (weights.unsqueeze(-1) * h).sum(dim=2)  # [H, B, hd]
-        return interests.transpose(0, 1).reshape(B, H * hd)
+        return x
 
 
 class FoundationModel(nn.Module):
