@@ -78,20 +78,28 @@ def test_dmin_encodes_a_shared_history_once_and_equals_the_plain_formulation():
     seq = base[pick].requires_grad_()
     target = torch.randn(11, 6, requires_grad=True)
     assert shared_rows(seq, lengths)[0].numel() == 4
+    _assert_dmin_equals_plain(m, seq, lengths, target, pick)
+
+
+def _assert_dmin_equals_plain(m, seq, lengths, target, pick) -> torch.Tensor:
+    """DMIN's output and gradients (parameters, targets, and per distinct history ``pick == k``
+    the summed input rows) equal the plain formulation's; returns the output."""
     fast = m(seq, lengths, target)
     seq_p, target_p = seq.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
     plain = _plain_dmin(m, seq_p, lengths, target_p)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(fast)
     gf, gp = _grads(m, fast, g), _grads(m, plain, g)
+    assert gf.keys() == gp.keys()
     for name in gp:
         torch.testing.assert_close(gf[name], gp[name], rtol=1e-4, atol=1e-5, msg=name)
-    # the input gradient of the shared history sums its rows' (it reaches the embedding tables
+    # the input gradient of a shared history sums its rows' (it reaches the embedding tables
     # through one row instead of several): equal per distinct history
-    for k in range(4):
+    for k in range(int(pick.max()) + 1):
         rows = pick == k
         torch.testing.assert_close(seq.grad[rows].sum(0), seq_p.grad[rows].sum(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(target.grad, target_p.grad, rtol=1e-4, atol=1e-5)
+    return fast
 
 
 @pytest.mark.parametrize("bucket_cost", [0, 200, 10**9])  # a bucket per length, a few, one
@@ -107,19 +115,7 @@ def test_dmin_over_length_buckets_equals_the_plain_formulation(monkeypatch, buck
     lengths = base_len[pick]
     seq = torch.randn(14, 12, 5)[pick].requires_grad_()
     target = torch.randn(len(pick), 5, requires_grad=True)
-    fast = m(seq, lengths, target)
-    seq_p, target_p = seq.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
-    plain = _plain_dmin(m, seq_p, lengths, target_p)
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(fast)
-    gf, gp = _grads(m, fast, g), _grads(m, plain, g)
-    assert gf.keys() == gp.keys()
-    for name in gp:
-        torch.testing.assert_close(gf[name], gp[name], rtol=1e-4, atol=1e-5, msg=name)
-    for k in range(14):
-        rows = pick == k
-        torch.testing.assert_close(seq.grad[rows].sum(0), seq_p.grad[rows].sum(0), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(target.grad, target_p.grad, rtol=1e-4, atol=1e-5)
+    fast = _assert_dmin_equals_plain(m, seq, lengths, target, pick)
     assert fast[pick == 10].abs().max() == 0  # the empty history
 
 
