@@ -97,19 +97,25 @@ def _alive(pid: int) -> bool:
 class RowGroupWriter:
     """One Parquet file written table by table in row groups of ``group_rows`` rows: the file that
     ``pq.write_table(all tables, row_group_size=group_rows, **options)`` gives, with at most one
-    group's rows held. The file is created at the first flush; call `close` after the last `write`
-    (a writer that was given no rows creates no file)."""
+    group's rows held. Without ``schema`` the file is created at the first flush and a writer given
+    no rows creates none; with it the file is opened at once and no rows give an empty file. Call
+    `close` after the last `write` (or use it as a context manager)."""
 
-    def __init__(self, path: str | Path, group_rows: int, **options: Any) -> None:
+    def __init__(self, path: str | Path, group_rows: int, *, schema=None, **options: Any) -> None:
         if group_rows < 1:
             raise ValueError(f"group_rows must be >= 1, got {group_rows}")
         self.path, self.group_rows, self.options = Path(path), int(group_rows), options
+        self.schema = schema
         self.rows = 0  # written and pending
         self._pending: list = []
         self._pending_rows = 0
         self._writer = None
+        if schema is not None:
+            self._open(schema)
 
     def write(self, table) -> None:
+        if not table.num_rows:
+            return
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self.rows += table.num_rows
@@ -119,19 +125,35 @@ class RowGroupWriter:
     def close(self) -> None:
         if self._pending_rows:
             self._flush(self._pending_rows)
+        elif self._writer is not None and not self.rows:
+            self._writer.write_table(self.schema.empty_table())  # as pq.write_table of no rows
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
+    def __enter__(self) -> "RowGroupWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._writer is not None:  # a failed write: the file is in a temp output, dropped with it
+            self._writer.close()
+
+    def _open(self, schema) -> None:
+        import pyarrow.parquet as pq
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema, self._writer = schema, pq.ParquetWriter(self.path, schema, **self.options)
+
     def _flush(self, n: int) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         merged = pa.concat_tables(self._pending)
         group, rest = merged.slice(0, n), merged.slice(n)
         if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, group.schema, **self.options)
+            self._open(group.schema)
+        # one row group copied out; the rest stays in the pieces handed in
         self._writer.write_table(group.combine_chunks(), row_group_size=n)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 

@@ -76,7 +76,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from loopfm.progress import progress_bar
 
-from loopfm.artifacts import MANIFEST, inside, read_manifest, write_manifest
+from loopfm.artifacts import MANIFEST, RowGroupWriter, inside, read_manifest, write_manifest
 from loopfm.data.history import COMPOSITE_LIMIT, ENTRY_LABELS, Timeline, entry_mask
 from loopfm.stages import codes_format as cf
 
@@ -538,48 +538,6 @@ ROW_GROUP_ROWS = 1 << 20
 _MERGE_ROWS = 1 << 18  # example rows held by a day's merge, over all its runs
 
 
-class _RowGroupWriter:
-    """A Parquet file written in row groups of exactly ROW_GROUP_ROWS rows (the last one shorter),
-    whatever the pieces handed in: the same bytes as the whole table written at once."""
-
-    def __init__(self, path: Path, schema: pa.Schema, **options) -> None:
-        self.schema, self.writer = schema, pq.ParquetWriter(path, schema, **options)
-        self.pending: list[pa.Table] = []
-        self.pending_rows = self.rows = 0
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.pending.append(table)
-            self.pending_rows += table.num_rows
-            self.rows += table.num_rows
-            if self.pending_rows >= ROW_GROUP_ROWS:
-                self._flush(last=False)
-
-    def _flush(self, last: bool) -> None:
-        while self.pending_rows >= ROW_GROUP_ROWS or (last and (self.pending_rows or not self.rows)):
-            n = min(self.pending_rows, ROW_GROUP_ROWS)
-            pending = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
-            # Copy out one row group only: the rest stays in the pieces handed in (no second copy held).
-            self.writer.write_table(pending.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
-            self.pending = [pending.slice(n)] if n < self.pending_rows else []
-            self.pending_rows -= n
-            if not self.pending_rows and last:
-                break
-
-    def close(self) -> None:
-        self._flush(last=True)
-        self.writer.close()
-
-    def __enter__(self) -> "_RowGroupWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
-            self.close()
-        else:
-            self.writer.close()
-
-
 def _write_kind(out: Path, parts, code_type: pa.DataType, example_days: list[int]) -> dict:
     """Write ``out/timeline.parquet`` and ``out/examples/day=K.parquet`` for one key kind from its key
     ranges' parts (ascending, so the timeline is sorted); returns the kind's counts."""
@@ -590,7 +548,8 @@ def _write_kind(out: Path, parts, code_type: pa.DataType, example_days: list[int
     stats = {"rows_per_day": {str(d): 0 for d in example_days}, "length_sum": 0, "empty": 0}
     schema = pa.schema(TIMELINE_SCHEMA_BASE + [(cf.CODE_COLUMN, code_type)])
     # dictionaries of ids and codes cost time, save nothing
-    with _RowGroupWriter(out / "timeline.parquet", schema, use_dictionary=["label"]) as timeline:
+    with RowGroupWriter(out / "timeline.parquet", ROW_GROUP_ROWS, schema=schema,
+                        use_dictionary=["label"]) as timeline:
         for tl, tl_codes, examples in parts:
             base = timeline.rows
             arrays = [pa.chunked_array([pa.array(tl[c], type=t)]) for c, t in TIMELINE_SCHEMA_BASE] + [tl_codes]
@@ -626,7 +585,7 @@ def _merge_runs(spill: Path, counts: list[int], out: Path) -> None:
     pos = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist() if counts else []
     left = list(counts)
     bufs = [np.zeros((0, width), np.int64) for _ in counts]
-    with _RowGroupWriter(out, EXAMPLES_SCHEMA, use_dictionary=False) as writer, \
+    with RowGroupWriter(out, ROW_GROUP_ROWS, schema=EXAMPLES_SCHEMA, use_dictionary=False) as writer, \
             open(spill, "rb") if spill.exists() else contextlib.nullcontext() as f:
 
         def refill(i: int) -> None:
