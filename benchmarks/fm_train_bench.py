@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+
+from memory import peak_rss_mb  # benchmarks/memory.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"quickstart": "configs/quickstart.yaml", "movielens100k": "configs/movielens100k.yaml"}
@@ -52,18 +53,7 @@ def _worker(data: str, out: str, fm: dict, seed: int, result: str, clock: str = 
 
     train_fm(fm_config_from_dict(fm), data, out, seed=seed, config_hash="bench", progress=False)
     rank = int(os.environ.get("RANK", "0"))
-    Path(f"{result}.rank{rank}").write_text(json.dumps({"peak_mb": _peak_rss_mb()}))
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM: this process's own peak (ru_maxrss would carry the launcher's RSS over fork + exec).
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(f"{result}.rank{rank}").write_text(json.dumps({"peak_mb": peak_rss_mb()}))
 
 
 def _launch(nproc: int, scratch: Path, *args) -> None:

@@ -24,21 +24,15 @@ import sys
 import time
 from pathlib import Path
 
+from memory import peak_rss_mb  # benchmarks/memory.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "train-fm", "extract", "compress", "build-sequences", "train-vm", "report")
 
 
 def _peak_mb() -> float:
-    """This process's peak RSS (VmHWM), or ru_maxrss where /proc is missing, plus its children's."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                own = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
-
+    """This process's peak RSS, or its children's if larger."""
+    return max(peak_rss_mb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 def _cpu_s() -> float:
     """CPU seconds (user + system, all threads) of this process and the processes it waited for."""

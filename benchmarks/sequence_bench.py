@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from loopfm.artifacts import atomic_output, write_manifest  # noqa: E402
+from memory import peak_rss_mb  # noqa: E402  (benchmarks/memory.py, beside this script)
 from loopfm.stages import codes_format as cf  # noqa: E402
 
 DAY = 86_400
@@ -117,22 +117,10 @@ def run_duckdb(compress: Path, out: Path, max_len: int, window_days: float) -> d
     return {"seconds": time.perf_counter() - t0}
 
 
-def _peak_mb() -> float:
-    """This process's peak RSS: VmHWM, not ru_maxrss, which Linux carries over from the forked
-    parent across exec (the parent holding the generated rows would be reported instead)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(args) -> None:
     fn = run_loopfm if args.child == "loopfm" else run_duckdb
     res = fn(Path(args.compress), Path(args.child_out), args.max_len, args.window_days)
-    res["peak_rss_mb"] = _peak_mb()  # the build only
+    res["peak_rss_mb"] = peak_rss_mb()  # the build only
     if args.child == "loopfm":
         res["reader"] = run_reader(Path(args.child_out))
     print("RESULT " + json.dumps(res))
