@@ -217,10 +217,9 @@ def stage_days(manifest: dict) -> list[int]:
     return sorted(int(d) for d in manifest["rows_per_day"])
 
 
-def read_codes(root: str | Path, days: Sequence[int] | None = None,
-               columns: Sequence[str] | None = None) -> pa.Table:
-    """All rows of ``days`` (default: every day) of an extract or compress output, sorted by example id."""
-    manifest = read_manifest(root)
+def day_files(root: str | Path, manifest: dict, days: Sequence[int] | None = None) -> list[Path]:
+    """The part files of ``days`` (default: every day) of an extract or compress output, in day
+    order; refuses a day the output does not have, or days without any part file."""
     days = list(days) if days is not None else stage_days(manifest)
     bad = sorted(set(days) - set(stage_days(manifest)))
     if bad:
@@ -228,6 +227,13 @@ def read_codes(root: str | Path, days: Sequence[int] | None = None,
     files = [p for d in days for p in stage_files(root, d, manifest)]
     if not files:
         raise ValueError(f"{root}: no part files for days {days}")
+    return files
+
+
+def read_codes(root: str | Path, days: Sequence[int] | None = None,
+               columns: Sequence[str] | None = None) -> pa.Table:
+    """All rows of ``days`` (default: every day) of an extract or compress output, sorted by example id."""
+    files = day_files(root, read_manifest(root), days)
     table = pa.concat_tables([pq.read_table(p, columns=list(columns) if columns else None) for p in files])
     if "example_id" in table.column_names:
         eid = table.column("example_id").to_numpy()

@@ -30,8 +30,8 @@ import numpy as np
 from loopfm.artifacts import MANIFEST, atomic_output, read_manifest, write_manifest
 from loopfm.codes.format import (  # noqa: F401  (re-exported)
     CODE_COLUMN, KINDS, META_COLUMNS, Z_COLUMN, PartWriter, bytes_from_arrow, bytes_to_arrow,
-    check_extract_manifest, codes_table, extract_schema, packed_table, read_codes, stage_days, stage_files,
-    sum_rows_per_day, write_codes, write_packed, z_from_arrow, z_to_arrow)
+    check_extract_manifest, codes_table, day_files, extract_schema, packed_table, read_codes, stage_days,
+    stage_files, sum_rows_per_day, write_codes, write_packed, z_from_arrow, z_to_arrow)
 
 
 # -- sharded stage outputs -----------------------------------------------------------------------

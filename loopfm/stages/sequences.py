@@ -174,7 +174,7 @@ def run_build_sequences(cfg: SequencesConfig, compress_dir: str | Path, out_dir:
     days = _days_to_read(cfg, src, old_m, append_dir)
     config_hash = config_hash or cf.hash_config(hash_payload(cfg), src.get("config_hash", ""),
                                                 old_m["config_hash"] if old else "")
-    files = _part_files(compress_dir, src, days)
+    files = cf.day_files(compress_dir, src, days)
     code_type = pq.read_schema(files[0]).field(cf.CODE_COLUMN).type
     days_read = sorted(set(days) | set(old_m["days_read"] if old else []))
     example_days = days_read[-cfg.keep_days:] if cfg.keep_days else days_read
@@ -224,16 +224,6 @@ def _days_to_read(cfg: SequencesConfig, src: dict, old_m: dict | None, append_di
         raise ValueError(f"no days to {'append' if old_m else 'build'}: compress days are {cf.stage_days(src)}"
                          + (f", already in {append_dir}: {old_m['days_read']}" if old_m else ""))
     return days
-
-
-def _part_files(compress_dir: Path, src: dict, days: list[int]) -> list[Path]:
-    bad = sorted(set(days) - set(cf.stage_days(src)))
-    if bad:
-        raise ValueError(f"{compress_dir}: no day(s) {bad}; days are {cf.stage_days(src)}")
-    files = [p for d in days for p in cf.stage_files(compress_dir, d, src)]
-    if not files:
-        raise ValueError(f"{compress_dir}: no part files for days {days}")
-    return files
 
 
 def print_summary(m: dict) -> None:

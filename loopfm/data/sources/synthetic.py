@@ -611,13 +611,11 @@ class _Stream:
         old_len = self.ring_len[users]
         take_old = np.minimum(old_len, L - take_new)
         # kept old entries: columns old_len - take_old .. old_len of the user's row -> 0..take_old
-        src_old, off_old = gather(users * L + old_len - take_old, users * L + old_len)
-        dst_old = (np.repeat(users * L, take_old) + np.arange(off_old[-1])
-                   - np.repeat(off_old[:-1], take_old))
+        src_old, _ = gather(users * L + old_len - take_old, users * L + old_len)
+        dst_old, _ = gather(users * L, users * L + take_old)
         # newest take_new behaviours of the user -> columns take_old .. take_old + take_new
-        src_new, off_new = gather(first + count - take_new, first + count)
-        dst_new = (np.repeat(users * L + take_old, take_new) + np.arange(off_new[-1])
-                   - np.repeat(off_new[:-1], take_new))
+        src_new, _ = gather(first + count - take_new, first + count)
+        dst_new, _ = gather(users * L + take_old, users * L + take_old + take_new)
         for buf, new in [(self.ring_ts, b_ts)] + [(self.ring[k], values[k]) for k in self.ring]:
             flat = buf.reshape(-1)
             kept = flat[src_old]  # a copy: the move may overlap its source
@@ -684,10 +682,10 @@ class _Stream:
         for s in range(0, len(users), HISTORY_SLICE):  # bounds the int64 index temporaries
             sl = slice(s, s + HISTORY_SLICE)
             first = offsets[:-1][sl]  # each row's first output position
-            src_old, off_old = gather(base[sl] - old[sl], base[sl])
-            dst_old = np.arange(off_old[-1]) - np.repeat(off_old[:-1] - first, old[sl])
-            src_new, off_new = gather(start[sl], end[sl])
-            dst_new = np.arange(off_new[-1]) - np.repeat(off_new[:-1] - first - old[sl], today[sl])
+            src_old, _ = gather(base[sl] - old[sl], base[sl])
+            dst_old, _ = gather(first, first + old[sl])
+            src_new, _ = gather(start[sl], end[sl])
+            dst_new, _ = gather(first + old[sl], first + old[sl] + today[sl])
             for name, key in keys.items():
                 values[name][dst_old] = self.ring[key].reshape(-1)[src_old]
                 values[name][dst_new] = day.b_values[key][src_new]
