@@ -190,11 +190,16 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        B, L, D = x.shape
+    def qkv(self, x: Tensor) -> Tensor:
+        """[..., 3 * d_model]: the q, k and v projections as one matmul (the parameters stay the
+        three `nn.Linear` of the plain formulation)."""
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = F.linear(x, weight, bias).view(B, L, 3, self.h, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.linear(x, weight, bias)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.h, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [B, H, L, hd]
         return self.norm(x + self.out(a.transpose(1, 2).reshape(B, L, D)))
 
@@ -203,9 +208,7 @@ class SelfAttention(nn.Module):
         projections, residual and norm per real position, attention per bucket of similar lengths
         (one gather into the padded buckets and one back, whatever their number)."""
         D = x.shape[1]
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        qkv = F.linear(x, weight, bias)
+        qkv = self.qkv(x)
         if buckets.pad is not None:
             qkv = qkv.index_select(0, buckets.pad)
         parts, at = [], 0
